@@ -1,0 +1,213 @@
+"""The only module that imports libtorrent.
+
+It checks the version (2.0.x and 2.1.x are supported), holds the session settings tuned for
+a LAN deploy swarm, builds sessions, bridges libtorrent alerts into the asyncio loop, and
+hides the API differences between 2.0 and 2.1 (creating torrents).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import warnings
+from typing import Callable
+
+import libtorrent as _lt
+
+log = logging.getLogger(__name__)
+
+VERSION = tuple(int(part) for part in _lt.__version__.split(".")[:2])
+if VERSION < (2, 0):
+    raise ImportError(f"murderd needs libtorrent 2.0 or newer, found {_lt.__version__}")
+
+lt = _lt  # for the few callers that need a libtorrent type (alerts, flags, torrent_info)
+bencode = _lt.bencode
+
+
+def bdecode(data: bytes):
+    """Decode bencoded bytes; ValueError (never a crash) on anything malformed."""
+    try:
+        value = _lt.bdecode(bytes(data))
+    except RuntimeError as exc:
+        raise ValueError(f"malformed bencoding: {exc}") from None
+    if value is None:
+        raise ValueError("malformed bencoding")
+    return value
+
+
+def torrent_info(data: bytes, max_pieces: int = 10_000_000) -> _lt.torrent_info:
+    """Parse a .torrent file's bytes; ValueError on anything libtorrent refuses."""
+    try:
+        limits = {"max_buffer_size": max(len(data), 1), "max_pieces": max_pieces}
+        return _lt.torrent_info(bytes(data), limits)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"not a valid torrent: {exc}") from None
+
+
+def create_torrent(files: list[tuple[str, int]], piece_size: int, fmt: str):
+    """A create_torrent for files [(path relative to the parent dir, size)], on 2.0 and 2.1.
+
+    2.1 deprecates file_storage + add_files and takes a list of create_file_entry; 2.0 only
+    has the former.  fmt is 'v1', 'hybrid' or 'v2'.
+    """
+    flags = {"v1": _lt.create_torrent.v1_only, "v2": _lt.create_torrent.v2_only}.get(fmt, 0)
+    if hasattr(_lt, "create_file_entry"):
+        entries = [_lt.create_file_entry(path, size) for path, size in files]
+        return _lt.create_torrent(entries, piece_size, flags)
+    storage = _lt.file_storage()
+    for path, size in files:
+        storage.add_file(path, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ct = _lt.create_torrent(storage, piece_size, flags)
+    # 2.0's create_torrent keeps a reference to the file_storage: keep it alive with ct.
+    ct.murderd_storage = storage
+    return ct
+
+
+def set_piece_hashes(ct, parent_dir: str, progress: Callable[[int], None] | None = None):
+    if progress is None:
+        _lt.set_piece_hashes(ct, parent_dir)
+    else:
+        _lt.set_piece_hashes(ct, parent_dir, progress)
+
+
+def lan_settings(
+    listen_interfaces: str,
+    *,
+    upload_rate_limit: int = 0,
+    download_rate_limit: int = 0,
+    announce_ip: str = "",
+    seeder: bool = False,
+) -> dict:
+    """Session settings for a deploy swarm on a LAN.
+
+    libtorrent's defaults suit the public internet: DHT/LSD/UPnP on, a 300 s floor under the
+    tracker's interval, one connection per IP, a handful of active torrents.  A deploy fleet
+    wants the opposite: private trackers only, prompt announces, every torrent active, TCP only
+    (uTP cost 4x the CPU for nothing on a LAN).
+    """
+    base = _lt.high_performance_seed() if seeder else _lt.default_settings()
+    settings = dict(base)
+    settings.update(
+        {
+            "listen_interfaces": listen_interfaces,
+            "enable_dht": False,
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "enable_incoming_utp": False,
+            "enable_outgoing_utp": False,
+            "allow_multiple_connections_per_ip": True,
+            "min_announce_interval": 1,
+            "announce_to_all_trackers": True,
+            "announce_to_all_tiers": True,
+            "active_downloads": -1,
+            "active_seeds": -1,
+            "active_limit": -1,
+            "active_checking": 4,
+            "dont_count_slow_torrents": False,
+            "auto_manage_startup": 0,
+            "connection_speed": 200,
+            "peer_connect_timeout": 3,
+            "handshake_timeout": 5,
+            "request_timeout": 10,
+            "inactivity_timeout": 60,
+            "unchoke_slots_limit": -1,
+            "choking_algorithm": 0,  # fixed slots; with no limit, everyone is unchoked
+            "seed_choking_algorithm": 1,  # fastest upload: feed whoever drains fastest
+            "upload_rate_limit": upload_rate_limit,
+            "download_rate_limit": download_rate_limit,
+            "max_out_request_queue": 1500,
+            "max_allowed_in_request_queue": 2000,
+            "request_queue_time": 2,
+            "whole_pieces_threshold": 5,
+            "smooth_connects": False,
+            "tracker_completion_timeout": 10,
+            "tracker_receive_timeout": 5,
+            "stop_tracker_timeout": 2,
+            "user_agent": "murderd/libtorrent-" + _lt.__version__,
+            "alert_mask": _lt.alert.category_t.error_notification
+            | _lt.alert.category_t.status_notification
+            | _lt.alert.category_t.storage_notification
+            | _lt.alert.category_t.tracker_notification,
+            "alert_queue_size": 10000,
+        }
+    )
+    if announce_ip:
+        settings["announce_ip"] = announce_ip
+    return settings
+
+
+def make_session(settings: dict) -> _lt.session:
+    """A session with our settings; LAN peers obey the rate limits too.
+
+    Peers in private ranges are in libtorrent's *local* peer class, which ignores the global
+    upload/download limits; give that class the same limits so a cap means a cap.
+    """
+    params = _lt.session_params()
+    params.settings = settings
+    session = _lt.session(params)
+    up = settings.get("upload_rate_limit", 0)
+    down = settings.get("download_rate_limit", 0)
+    if up or down:
+        for class_id in (session.local_peer_class_id, session.global_peer_class_id):
+            info = session.get_peer_class(class_id)
+            info["upload_limit"] = up
+            info["download_limit"] = down
+            session.set_peer_class(class_id, info)
+    return session
+
+
+def apply_rate_limits(session: _lt.session, up: int, down: int) -> None:
+    session.apply_settings({"upload_rate_limit": up, "download_rate_limit": down})
+    for class_id in (session.local_peer_class_id, session.global_peer_class_id):
+        info = session.get_peer_class(class_id)
+        info["upload_limit"] = up
+        info["download_limit"] = down
+        session.set_peer_class(class_id, info)
+
+
+class AlertPump:
+    """Delivers libtorrent alerts to a callback on the asyncio loop, without polling.
+
+    libtorrent writes a byte to a socket when its alert queue becomes non-empty; the loop
+    watches the other end and drains the queue with pop_alerts().
+    """
+
+    def __init__(self, session: _lt.session, handler: Callable[[object], None]):
+        self.session = session
+        self.handler = handler
+        self._rx, self._tx = socket.socketpair()
+        self._rx.setblocking(False)
+        self._tx.setblocking(False)
+        self._loop = asyncio.get_running_loop()
+        session.set_alert_fd(self._tx.fileno())
+        self._loop.add_reader(self._rx.fileno(), self.drain)
+
+    def drain(self) -> None:
+        try:
+            while self._rx.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        for alert in self.session.pop_alerts():
+            try:
+                self.handler(alert)
+            except Exception:
+                log.exception("error handling %s", type(alert).__name__)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._rx.fileno())
+        self.session.set_alert_notify(lambda: None)
+        self._rx.close()
+        self._tx.close()
+
+
+def info_hash_hex(handle_or_info) -> str:
+    """The v1 info-hash (or the truncated v2 one for a v2-only torrent) as 40 hex chars."""
+    hashes = handle_or_info.info_hashes()
+    if hashes.has_v1():
+        return str(hashes.v1)
+    return str(hashes.v2)[:40]
