@@ -254,7 +254,7 @@ def _sanity(values: dict, origin: dict) -> list[str]:
     for section, keys in (
         ("seeder", ("drop_dir", "publish_dir", "state_dir")),
         ("peer", ("drop_dir", "staging_dir", "destination_dir", "state_dir")),
-        ("tracker", ("torrents_dir",)),
+        ("tracker", ("torrents_dir", "state_dir")),
         ("log", ("dir",)),
     ):
         for key in keys:
