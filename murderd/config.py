@@ -274,3 +274,28 @@ def changed_keys(old: Config, new: Config) -> list[tuple[str, str]]:
         for key in new[section]
         if old.get(section, {}).get(key) != new[section][key]
     ]
+
+
+def sample() -> str:
+    """The shipped murderd.conf: every key of the configspec, commented out at its default."""
+    out = [
+        "# murderd configuration (/etc/murderd/murderd.conf).",
+        "# Every key is shown at its default, commented out.  Files in conf.d/*.conf beside",
+        "# this one override it, in name order.  Check with: murderctl check-config",
+    ]
+    for raw in SPEC_PATH.read_text(encoding="utf-8").splitlines()[3:]:
+        line = raw.strip()
+        if not line:
+            out.append("")
+        elif line.startswith("#") or line.startswith("["):
+            out.append(line)
+        else:
+            key, _, check = line.partition("=")
+            default = check.split("default=", 1)[1].rsplit(")", 1)[0] if "default=" in check else ""
+            if default.startswith("list("):
+                items = [i.strip().strip('"') for i in default[5:-1].split(",") if i.strip()]
+                default = ", ".join(items) + ("," if len(items) == 1 else "") if items else '""'
+            elif default in ("True", "False"):
+                default = "yes" if default == "True" else "no"
+            out.append(f"# {key.strip()} = {default}")
+    return "\n".join(out).rstrip() + "\n"

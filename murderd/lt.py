@@ -80,6 +80,7 @@ def lan_settings(
     download_rate_limit: int = 0,
     announce_ip: str = "",
     seeder: bool = False,
+    fingerprint: str = "-MD0000-",
 ) -> dict:
     """Session settings for a deploy swarm on a LAN.
 
@@ -128,6 +129,8 @@ def lan_settings(
             "tracker_receive_timeout": 5,
             "stop_tracker_timeout": 2,
             "user_agent": "murderd/libtorrent-" + _lt.__version__,
+            # Peer ids tell seeders (-MS) from peers (-MP) in peer lists and accounting.
+            "peer_fingerprint": fingerprint,
             "alert_mask": _lt.alert.category_t.error_notification
             | _lt.alert.category_t.status_notification
             | _lt.alert.category_t.storage_notification

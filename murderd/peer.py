@@ -1,0 +1,773 @@
+"""murder-peer: drop dir / url / follow -> validate -> stage -> verify -> place -> linger.
+
+Every deploy's life is kept in ``state_dir/<info-hash>.json`` (written atomically), so a
+restart resumes each deploy where it was:
+
+    queued -> downloading -> verifying -> placing -> [hook] -> seeding (linger) -> done
+       any step -> failed (reason kept; retried when the torrent is dropped again)
+    rejected: an invalid torrent, quarantined in drop_dir/rejected/ with a .reason file
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from . import fsutil, httpserver, publish, runtime, torrent
+from .lt import AlertPump, apply_rate_limits, lan_settings, lt, make_session
+from .watch import DropWatcher
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("queued", "downloading", "stalled", "verifying", "placing", "seeding")
+SEEDER_FINGERPRINT = b"-MS"
+RETRY_ERROR_SECONDS = 10
+STATE_WRITE_SECONDS = 2.0
+FREE_SPACE_MARGIN = 16 * 1024 * 1024
+FAMILY = re.compile(r"^(.+?)[-_]v?[0-9]")
+
+
+def family(name: str) -> str:
+    """Deploys of one family differ only from the first '-<digit>' on (app-1.2, app-1.3)."""
+    match = FAMILY.match(name)
+    return match.group(1) if match else name
+
+
+class PeerDeploy:
+    """A deploy on this host: persisted state plus its (unpersisted) libtorrent handle."""
+
+    FIELDS = (
+        "info_hash",
+        "name",
+        "state",
+        "progress",
+        "size",
+        "source",
+        "created",
+        "updated",
+        "finished",
+        "placed",
+        "sha256",
+        "error",
+        "hook",
+        "bytes_from_seeder",
+        "bytes_from_peers",
+        "hash_failures",
+    )
+
+    def __init__(self, **fields):
+        self.info_hash = ""
+        self.name = ""
+        self.state = "queued"
+        self.progress = 0.0
+        self.size = 0
+        self.source = ""
+        self.created = time.time()
+        self.updated = self.created
+        self.finished = None
+        self.placed = []
+        self.sha256 = {}
+        self.error = ""
+        self.hook = None
+        self.bytes_from_seeder = 0
+        self.bytes_from_peers = 0
+        self.hash_failures = 0
+        for key, value in fields.items():
+            if key in self.FIELDS:
+                setattr(self, key, value)
+        self.handle = None
+        self.torrent: torrent.Torrent | None = None
+        self.peer_bytes: dict = {}  # (ip, port) -> [is_seeder, total_download]
+        self.linger_timer = None
+        self.retry_timer = None
+
+    def record(self) -> dict:
+        return {key: getattr(self, key) for key in self.FIELDS}
+
+
+class PeerService(runtime.Service):
+    name = "peer"
+    live_keys = frozenset(
+        {
+            ("peer", key)
+            for key in (
+                "linger_seconds",
+                "max_linger_seconds",
+                "keep_deploys",
+                "hook",
+                "hook_timeout",
+                "extract",
+                "max_torrent_bytes",
+                "max_deploy_bytes",
+                "resume_save_interval",
+                "url_timeout",
+                "ignore_suffixes",
+                "upload_rate_limit",
+                "download_rate_limit",
+                "follow",
+                "follow_interval",
+            )
+        }
+    )
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        c = cfg["peer"]
+        self.drop_dir = Path(c["drop_dir"])
+        self.rejected_dir = self.drop_dir / "rejected"
+        self.staging_dir = Path(c["staging_dir"])
+        self.destination_dir = Path(c["destination_dir"])
+        self.state_dir = Path(c["state_dir"])
+        self.deploys: dict[str, PeerDeploy] = {}
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="verify")
+        self.session = None
+        self.pump = None
+        self.watcher = None
+        self.client: aiohttp.ClientSession | None = None
+        self.http = None
+        self.tasks: set[asyncio.Task] = set()
+        self.pending_resume = 0
+        self.resume_done = asyncio.Event()
+        self.follow_seen: set[str] = set()
+        self.hash_failures_total = 0
+
+    # --- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        c = self.cfg["peer"]
+        for directory in (
+            self.drop_dir,
+            self.rejected_dir,
+            self.staging_dir,
+            self.destination_dir,
+            self.state_dir,
+        ):
+            try:
+                fsutil.ensure_dir(directory)
+            except OSError as exc:
+                raise runtime.StartupError(f"cannot create {directory}: {exc.strerror}") from None
+        if os.stat(self.staging_dir).st_dev != os.stat(self.destination_dir).st_dev:
+            raise runtime.StartupError(
+                f"staging_dir {self.staging_dir} and destination_dir {self.destination_dir} "
+                "are on different filesystems: placing a deploy could not be atomic"
+            )
+        listen = c["listen_interfaces"] or f"0.0.0.0:{c['listen_port']}"
+        self.session = make_session(
+            lan_settings(
+                listen,
+                upload_rate_limit=c["upload_rate_limit"],
+                download_rate_limit=c["download_rate_limit"],
+                announce_ip=c["announce_ip"],
+                fingerprint="-MP0100-",
+            )
+        )
+        self.pump = AlertPump(self.session, self._alert)
+        self.client = aiohttp.ClientSession()
+        self._restore()
+        if c["http_listen"]:
+            self.http = await httpserver.serve(self._app(), c["http_listen"], "peer endpoint")
+        self.watcher = DropWatcher(
+            self.drop_dir,
+            on_ready=self._dropped,
+            on_refused=lambda path, kind: self._reject_file(path, f"{kind}, not a torrent"),
+            ignore_suffixes=tuple(c["ignore_suffixes"]),
+            suffixes=(".torrent", ".url"),
+        )
+        try:
+            self.watcher.start()
+        except OSError as exc:
+            raise runtime.StartupError(str(exc)) from None
+        self._spawn(self._tick_loop())
+        self._spawn(self._resume_loop())
+        self._spawn(self._follow_loop())
+
+    async def stop(self) -> None:
+        if self.watcher:
+            self.watcher.stop()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.session:
+            self.session.pause()
+            await self._save_all_resume(timeout=min(10.0, self.cfg["daemon"]["stop_timeout"] / 2))
+        for deploy in self.deploys.values():
+            self._write_state(deploy)
+        if self.http:
+            await self.http.cleanup()
+        if self.client:
+            await self.client.close()
+        if self.pump:
+            self.pump.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def reload(self, cfg) -> None:
+        self.cfg = cfg
+        c = cfg["peer"]
+        apply_rate_limits(self.session, c["upload_rate_limit"], c["download_rate_limit"])
+        if self.watcher:
+            self.watcher.ignore_suffixes = tuple(c["ignore_suffixes"])
+
+    def status(self) -> str:
+        counts: dict[str, int] = {}
+        progress = []
+        for deploy in self.deploys.values():
+            counts[deploy.state] = counts.get(deploy.state, 0) + 1
+            if deploy.state in ("downloading", "stalled"):
+                progress.append(deploy.progress)
+        down = counts.get("downloading", 0) + counts.get("stalled", 0)
+        text = f"{down} downloading"
+        if progress:
+            text += f" ({100 * sum(progress) / len(progress):.0f}%)"
+        done = counts.get("done", 0) + counts.get("seeding", 0)
+        return f"{text}, {done} done, {counts.get('failed', 0)} failed"
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # --- persisted state --------------------------------------------------------------
+
+    def _paths(self, info_hash: str) -> tuple[Path, Path, Path]:
+        base = self.state_dir / info_hash
+        return base.with_suffix(".json"), base.with_suffix(".torrent"), base.with_suffix(".resume")
+
+    def _write_state(self, deploy: PeerDeploy) -> None:
+        deploy.updated = time.time()
+        try:
+            fsutil.atomic_write_json(self._paths(deploy.info_hash)[0], deploy.record())
+        except OSError as exc:
+            log.error("deploy %s: cannot write its state file: %s", deploy.name, exc)
+
+    def _set_state(self, deploy: PeerDeploy, state: str, error: str = "") -> None:
+        if deploy.state != state:
+            log.info("deploy %s (%s): %s -> %s", deploy.name, deploy.info_hash, deploy.state, state)
+        deploy.state = state
+        deploy.error = error
+        self._write_state(deploy)
+
+    def _restore(self) -> None:
+        for path in sorted(self.state_dir.glob("*.json")):
+            try:
+                record = fsutil.read_json(path)
+                deploy = PeerDeploy(**record)
+                if not deploy.info_hash:
+                    raise ValueError("no info_hash")
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("ignoring unreadable state file %s: %s", path, exc)
+                continue
+            self.deploys[deploy.info_hash] = deploy
+            if deploy.state == "seeding":
+                # Placed before the restart: the linger is over, keep the placed file.
+                self._finish(deploy)
+            elif deploy.state in ACTIVE:
+                log.info("deploy %s: resuming (%s)", deploy.name, deploy.state)
+                try:
+                    deploy.torrent = torrent.load(self._paths(deploy.info_hash)[1])
+                except (OSError, torrent.TorrentError) as exc:
+                    self._set_state(deploy, "failed", f"saved torrent unusable: {exc}")
+                    continue
+                self._add_to_session(deploy)
+
+    # --- input: drop dir, .url files, follow ------------------------------------------
+
+    def _dropped(self, path: Path) -> None:
+        if path.name.endswith(".url"):
+            self._spawn(self._fetch_url_file(path))
+            return
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(self.cfg["peer"]["max_torrent_bytes"] + 1)
+        except OSError as exc:
+            log.error("cannot read %s: %s", path, exc)
+            return
+        self._accept(data, source=path.name, drop_path=path)
+
+    async def _fetch(self, url: str) -> bytes:
+        c = self.cfg["peer"]
+        cap = c["max_torrent_bytes"]
+        timeout = aiohttp.ClientTimeout(total=c["url_timeout"])
+        async with self.client.get(url, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise ValueError(f"{url} answered HTTP {resp.status}")
+            if resp.content_length and resp.content_length > cap:
+                raise ValueError(f"{url} is {resp.content_length} bytes, over the cap of {cap}")
+            data = await resp.content.read(cap + 1)
+            if len(data) > cap:
+                raise ValueError(f"{url} is over the cap of {cap} bytes")
+            return data
+
+    async def _fetch_url_file(self, path: Path) -> None:
+        try:
+            text = path.read_text(encoding="utf-8", errors="strict").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            self._reject_file(path, f"unreadable .url file: {exc}")
+            return
+        url = text.splitlines()[0].strip() if text else ""
+        if not url.startswith(("http://", "https://")):
+            self._reject_file(path, f"not an http(s) URL: {url[:200]!r}")
+            return
+        try:
+            data = await self._fetch(url)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            self._reject_file(path, f"cannot fetch {url}: {exc or type(exc).__name__}")
+            return
+        self._accept(data, source=url, drop_path=path)
+
+    async def _follow_loop(self) -> None:
+        while True:
+            c = self.cfg["peer"]
+            if c["follow"]:
+                try:
+                    await self._follow_once(c["follow"])
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                    log.warning("follow %s: %s", c["follow"], exc or type(exc).__name__)
+            await asyncio.sleep(c["follow_interval"])
+
+    async def _follow_once(self, url: str) -> None:
+        index = await self._fetch(url)
+        try:
+            deploys = json.loads(index)["deploys"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not a seeder index: {exc}") from None
+        for item in deploys:
+            if not isinstance(item, dict):
+                continue
+            info_hash, torrent_url = item.get("info_hash"), item.get("url")
+            if not isinstance(info_hash, str) or not isinstance(torrent_url, str):
+                continue
+            if info_hash in self.deploys or info_hash in self.follow_seen:
+                continue
+            self.follow_seen.add(info_hash)
+            log.info("follow: new deploy %s (%s)", item.get("name"), info_hash)
+            try:
+                data = await self._fetch(torrent_url)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                log.warning("follow: cannot fetch %s: %s", torrent_url, exc)
+                self.follow_seen.discard(info_hash)
+                continue
+            self._accept(data, source=torrent_url, drop_path=None)
+
+    def _reject_file(self, path: Path, reason: str) -> None:
+        """Quarantine a dropped file in rejected/ with a .reason file beside it."""
+        log.error("rejected %s: %s", path.name, reason)
+        try:
+            target = self.rejected_dir / path.name
+            os.replace(path, target)
+            fsutil.atomic_write(target.with_name(target.name + ".reason"), (reason + "\n").encode())
+        except OSError as exc:
+            log.error("cannot quarantine %s: %s", path, exc)
+
+    def _reject_data(self, data: bytes, name: str, reason: str) -> None:
+        log.error("rejected %s: %s", name, reason)
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[-100:] or "torrent"
+        try:
+            fsutil.atomic_write(self.rejected_dir / safe, data)
+            fsutil.atomic_write(self.rejected_dir / (safe + ".reason"), (reason + "\n").encode())
+        except OSError as exc:
+            log.error("cannot quarantine %s: %s", name, exc)
+
+    def _accept(self, data: bytes, source: str, drop_path: Path | None) -> None:
+        """Validate a torrent; start it, or quarantine it with the reason."""
+        c = self.cfg["peer"]
+
+        def reject(reason):
+            if drop_path is not None:
+                self._reject_file(drop_path, reason)
+            else:
+                self._reject_data(data, source.rsplit("/", 1)[-1], reason)
+
+        try:
+            parsed = torrent.parse(data, c["max_torrent_bytes"], c["max_deploy_bytes"])
+            publish.check_destination(self.destination_dir, [f.path for f in parsed.files])
+        except (torrent.TorrentError, publish.PlacementError) as exc:
+            reject(str(exc))
+            return
+        existing = self.deploys.get(parsed.info_hash)
+        if existing is not None and existing.state != "failed":
+            log.info("deploy %s (%s) already %s", parsed.name, parsed.info_hash, existing.state)
+            self._consume(drop_path)
+            return
+        free = fsutil.free_bytes(self.staging_dir)
+        if parsed.total_size + FREE_SPACE_MARGIN > free:
+            reject(
+                f"not enough disk space: {parsed.name} needs {parsed.total_size} bytes, "
+                f"{self.staging_dir} has {free} free"
+            )
+            return
+        _, torrent_path, resume_path = self._paths(parsed.info_hash)
+        fsutil.atomic_write(torrent_path, data)
+        if existing is not None:
+            log.info("deploy %s (%s): retrying after failure", parsed.name, parsed.info_hash)
+            resume_path.unlink(missing_ok=True)
+        deploy = PeerDeploy(
+            info_hash=parsed.info_hash, name=parsed.name, size=parsed.total_size, source=source
+        )
+        deploy.torrent = parsed
+        self.deploys[deploy.info_hash] = deploy
+        self._write_state(deploy)
+        self._consume(drop_path)
+        log.info(
+            "deploy %s (%s): accepted from %s, %d bytes in %d files",
+            deploy.name,
+            deploy.info_hash,
+            source,
+            deploy.size,
+            len(parsed.files),
+        )
+        self._add_to_session(deploy)
+
+    @staticmethod
+    def _consume(drop_path: Path | None) -> None:
+        if drop_path is not None:
+            try:
+                drop_path.unlink()
+            except FileNotFoundError:
+                pass
+
+    # --- downloading ------------------------------------------------------------------
+
+    def _staging(self, deploy: PeerDeploy) -> Path:
+        return self.staging_dir / deploy.info_hash
+
+    def _add_to_session(self, deploy: PeerDeploy) -> None:
+        resume_path = self._paths(deploy.info_hash)[2]
+        params = None
+        if resume_path.exists():
+            try:
+                params = lt.read_resume_data(resume_path.read_bytes())
+            except Exception as exc:  # libtorrent raises RuntimeError on bad resume data
+                log.warning("deploy %s: resume data unusable (%s): rechecking", deploy.name, exc)
+        if params is None:
+            params = lt.add_torrent_params()
+        params.ti = deploy.torrent.info
+        params.save_path = str(self._staging(deploy))
+        params.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+        params.flags &= ~lt.torrent_flags.seed_mode
+        fsutil.ensure_dir(self._staging(deploy))
+        deploy.handle = self.session.add_torrent(params)
+        if deploy.state not in ("downloading", "stalled"):
+            self._set_state(deploy, "downloading")
+
+    def _by_handle(self, handle) -> PeerDeploy | None:
+        try:
+            info_hash = str(handle.info_hashes().v1) if handle.is_valid() else None
+        except RuntimeError:
+            return None
+        deploy = self.deploys.get(info_hash)
+        if deploy is None and handle.is_valid():
+            deploy = self.deploys.get(str(handle.info_hashes().v2)[:40])
+        return deploy
+
+    def _alert(self, alert) -> None:
+        if isinstance(alert, lt.save_resume_data_alert):
+            self._resume_saved(alert)
+            return
+        if isinstance(alert, lt.save_resume_data_failed_alert):
+            self._resume_accounted()
+            return
+        handle = getattr(alert, "handle", None)
+        deploy = self._by_handle(handle) if handle is not None else None
+        if isinstance(alert, (lt.torrent_finished_alert, lt.torrent_checked_alert)):
+            if deploy and deploy.state in ("downloading", "stalled") and handle.status().is_seeding:
+                self._spawn(self._complete(deploy))
+        elif isinstance(alert, lt.hash_failed_alert):
+            self.hash_failures_total += 1
+            if deploy:
+                deploy.hash_failures += 1
+            log.warning("libtorrent: %s", alert.message())
+        elif isinstance(alert, (lt.file_error_alert, lt.torrent_error_alert)):
+            log.error("libtorrent: %s", alert.message())
+            if deploy and deploy.state in ("downloading", "stalled"):
+                self._stall(deploy, alert)
+        elif isinstance(alert, (lt.tracker_error_alert, lt.listen_failed_alert)):
+            log.warning("libtorrent: %s", alert.message())
+        else:
+            log.debug("libtorrent: %s", alert.message())
+
+    def _stall(self, deploy: PeerDeploy, alert) -> None:
+        """A disk error (e.g. staging full): record it, retry until it clears."""
+        error = alert.error
+        text = error.message()
+        if error.value() == errno.ENOSPC:
+            text = f"no space left on {self.staging_dir}"
+        self._set_state(deploy, "stalled", f"{text}; retrying every {RETRY_ERROR_SECONDS}s")
+        if deploy.retry_timer is None:
+            deploy.retry_timer = asyncio.get_running_loop().call_later(
+                RETRY_ERROR_SECONDS, self._retry, deploy
+            )
+
+    def _retry(self, deploy: PeerDeploy) -> None:
+        deploy.retry_timer = None
+        if deploy.state != "stalled" or deploy.handle is None or not deploy.handle.is_valid():
+            return
+        log.info("deploy %s: retrying after: %s", deploy.name, deploy.error)
+        deploy.handle.clear_error()
+        deploy.handle.resume()
+        self._set_state(deploy, "downloading")
+
+    async def _tick_loop(self) -> None:
+        """Once a second: progress, byte accounting, periodic state writes."""
+        last_write = 0.0
+        while True:
+            now = time.monotonic()
+            write = now - last_write >= STATE_WRITE_SECONDS
+            for deploy in list(self.deploys.values()):
+                if deploy.state not in ("downloading", "stalled") or deploy.handle is None:
+                    continue
+                if not deploy.handle.is_valid():
+                    continue
+                st = deploy.handle.status()
+                deploy.progress = round(st.progress, 4)
+                self._account_peers(deploy)
+                if write:
+                    self._write_state(deploy)
+            if write:
+                last_write = now
+            await asyncio.sleep(1.0)
+
+    def _account_peers(self, deploy: PeerDeploy) -> None:
+        for peer in deploy.handle.get_peer_info():
+            key = (peer.ip[0], peer.ip[1], bytes(peer.pid)[:8])
+            from_seeder = bytes(peer.pid).startswith(SEEDER_FINGERPRINT)
+            deploy.peer_bytes[key] = (from_seeder, peer.total_download)
+        deploy.bytes_from_seeder = sum(b for s, b in deploy.peer_bytes.values() if s)
+        deploy.bytes_from_peers = sum(b for s, b in deploy.peer_bytes.values() if not s)
+
+    # --- resume data ------------------------------------------------------------------
+
+    async def _resume_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg["peer"]["resume_save_interval"])
+            for deploy in self.deploys.values():
+                handle = deploy.handle
+                if deploy.state == "downloading" and handle is not None and handle.is_valid():
+                    if handle.need_save_resume_data():
+                        self.pending_resume += 1
+                        handle.save_resume_data(lt.save_resume_flags_t.flush_disk_cache)
+
+    def _resume_saved(self, alert) -> None:
+        deploy = self._by_handle(alert.handle)
+        try:
+            if deploy is not None and deploy.state in ("downloading", "stalled", "verifying"):
+                data = lt.write_resume_data_buf(alert.params)
+                fsutil.atomic_write(self._paths(deploy.info_hash)[2], data)
+        except OSError as exc:
+            log.error("cannot save resume data: %s", exc)
+        finally:
+            self._resume_accounted()
+
+    def _resume_accounted(self) -> None:
+        self.pending_resume = max(0, self.pending_resume - 1)
+        if self.pending_resume == 0:
+            self.resume_done.set()
+
+    async def _save_all_resume(self, timeout: float) -> None:
+        self.resume_done.clear()
+        for deploy in self.deploys.values():
+            handle = deploy.handle
+            if deploy.state in ("downloading", "stalled") and handle and handle.is_valid():
+                self.pending_resume += 1
+                handle.save_resume_data(lt.save_resume_flags_t.flush_disk_cache)
+        if self.pending_resume:
+            try:
+                await asyncio.wait_for(self.resume_done.wait(), timeout)
+                log.info("resume data saved")
+            except asyncio.TimeoutError:
+                log.error("resume data not saved within %ss", timeout)
+
+    # --- finishing: verify, place, hook, linger ---------------------------------------
+
+    async def _complete(self, deploy: PeerDeploy) -> None:
+        try:
+            await self._complete_once(deploy)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("deploy %s: finishing failed", deploy.name)
+            self._fail(deploy, f"finishing failed: {exc}")
+
+    async def _complete_once(self, deploy: PeerDeploy) -> None:
+        loop = asyncio.get_running_loop()
+        self._account_peers(deploy)
+        deploy.progress = 1.0
+        self._set_state(deploy, "verifying")
+        staging = self._staging(deploy)
+        files = deploy.torrent.files
+        sums = await loop.run_in_executor(
+            self.pool, lambda: {f.path: torrent.sha256_file(staging / f.path) for f in files}
+        )
+        for f in files:
+            if f.sha256 and f.sha256 != sums[f.path]:
+                self._fail(
+                    deploy, f"sha256 mismatch for {f.path}: expected {f.sha256}, got {sums[f.path]}"
+                )
+                return
+        deploy.sha256 = sums
+        how = "sha256" if deploy.torrent.has_sha256 else "piece hashes (torrent has no sha256)"
+        log.info(
+            "deploy %s verified by %s: %s",
+            deploy.name,
+            how,
+            ", ".join(f"{k}={v}" for k, v in list(sums.items())[:3]),
+        )
+        self._set_state(deploy, "placing")
+        c = self.cfg["peer"]
+        placed = [
+            await loop.run_in_executor(
+                self.pool,
+                publish.place,
+                staging,
+                self.destination_dir,
+                deploy.torrent.name,
+                deploy.info_hash,
+            )
+        ]
+        if c["extract"] and publish.archive_stem(deploy.name) and not deploy.torrent.multi_file:
+            placed.append(
+                await loop.run_in_executor(
+                    self.pool,
+                    publish.extract,
+                    staging / deploy.name,
+                    self.destination_dir,
+                    deploy.info_hash,
+                )
+            )
+        deploy.placed = [str(p) for p in placed]
+        deploy.finished = time.time()
+        log.info("deploy %s placed: %s", deploy.name, ", ".join(deploy.placed))
+        self._resume_path_cleanup(deploy)
+        self._retain(deploy)
+        if c["hook"]:
+            deploy.hook = await self._run_hook(deploy, placed[-1])
+        self._set_state(deploy, "seeding")
+        deploy.linger_timer = loop.call_later(c["linger_seconds"], self._linger_check, deploy)
+
+    def _resume_path_cleanup(self, deploy: PeerDeploy) -> None:
+        self._paths(deploy.info_hash)[2].unlink(missing_ok=True)
+
+    async def _run_hook(self, deploy: PeerDeploy, path: Path) -> dict:
+        c = self.cfg["peer"]
+        values = {"path": str(path), "name": deploy.name, "infohash": deploy.info_hash}
+        try:
+            argv = [arg.format(**values) for arg in shlex.split(c["hook"])]
+        except (ValueError, KeyError, IndexError) as exc:
+            log.error("deploy %s: hook %r is malformed: %s", deploy.name, c["hook"], exc)
+            return {"argv": c["hook"], "exit": None, "error": f"malformed hook: {exc}"}
+        started = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            log.error("deploy %s: hook %s cannot run: %s", deploy.name, argv[0], exc)
+            return {"argv": argv, "exit": None, "error": str(exc)}
+        try:
+            output, _ = await asyncio.wait_for(proc.communicate(), c["hook_timeout"])
+            error = ""
+        except asyncio.TimeoutError:
+            proc.kill()
+            output, _ = await proc.communicate()
+            error = f"killed after {c['hook_timeout']}s"
+        for line in output.decode(errors="replace").splitlines()[-200:]:
+            log.info("deploy %s: hook: %s", deploy.name, line)
+        level = logging.INFO if proc.returncode == 0 else logging.ERROR
+        log.log(level, "deploy %s: hook exited with %s %s", deploy.name, proc.returncode, error)
+        return {
+            "argv": argv,
+            "exit": proc.returncode,
+            "error": error,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    def _retain(self, newest: PeerDeploy) -> None:
+        """Keep the last keep_deploys deploys of newest's family; remove older placements."""
+        keep = self.cfg["peer"]["keep_deploys"]
+        fam = family(newest.name)
+        placed = [
+            d
+            for d in self.deploys.values()
+            if d.placed and family(d.name) == fam and d.state in ("seeding", "done", "placing")
+        ]
+        placed.sort(key=lambda d: d.finished or 0, reverse=True)
+        kept_paths = {p for d in placed[:keep] for p in d.placed}
+        for old in placed[keep:]:
+            for path in old.placed:
+                if path not in kept_paths:
+                    log.info("retention: removing %s (deploy %s)", path, old.name)
+                    publish.remove_placed(Path(path))
+            old.placed = []
+            self._write_state(old)
+
+    def _linger_check(self, deploy: PeerDeploy) -> None:
+        deploy.linger_timer = None
+        handle = deploy.handle
+        if deploy.state != "seeding" or handle is None or not handle.is_valid():
+            return
+        c = self.cfg["peer"]
+        elapsed = time.time() - (deploy.finished or time.time())
+        st = handle.status()
+        leechers = max(st.num_incomplete, 0) + sum(
+            1 for p in handle.get_peer_info() if not p.flags & p.seed
+        )
+        if leechers and elapsed < c["max_linger_seconds"]:
+            deploy.linger_timer = asyncio.get_running_loop().call_later(
+                min(5.0, c["max_linger_seconds"] - elapsed), self._linger_check, deploy
+            )
+            return
+        log.info(
+            "deploy %s: done seeding after %.0fs (%d leechers left)", deploy.name, elapsed, leechers
+        )
+        self._finish(deploy)
+
+    def _finish(self, deploy: PeerDeploy) -> None:
+        self._drop_from_session(deploy, delete_staging=True)
+        self._set_state(deploy, "done")
+
+    def _fail(self, deploy: PeerDeploy, reason: str) -> None:
+        log.error("deploy %s (%s) failed: %s", deploy.name, deploy.info_hash, reason)
+        self._drop_from_session(deploy, delete_staging=True)
+        self._paths(deploy.info_hash)[2].unlink(missing_ok=True)
+        self._set_state(deploy, "failed", reason)
+
+    def _drop_from_session(self, deploy: PeerDeploy, delete_staging: bool) -> None:
+        for timer in (deploy.linger_timer, deploy.retry_timer):
+            if timer is not None:
+                timer.cancel()
+        deploy.linger_timer = deploy.retry_timer = None
+        if deploy.handle is not None and deploy.handle.is_valid():
+            self.session.remove_torrent(deploy.handle)
+        deploy.handle = None
+        if delete_staging:
+            publish.remove_placed(self._staging(deploy))
+
+    # --- HTTP (metrics live here; see murderd.metrics) --------------------------------
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", lambda request: web.Response(text="ok\n"))
+        app.router.add_get("/deploys", self._deploys)
+        return app
+
+    async def _deploys(self, request: web.Request) -> web.Response:
+        return web.json_response({"deploys": [d.record() for d in self.deploys.values()]})
+
+
+def main() -> None:
+    sys.exit(runtime.run(PeerService))

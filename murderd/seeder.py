@@ -1,0 +1,452 @@
+"""murder-seeder: drop dir -> torrent -> publish -> seed.
+
+A file (or a directory moved in) that settles in ``[seeder] drop_dir`` is hashed into a torrent
+off the event loop, written atomically as ``<name>.torrent`` into ``publish_dir``, registered
+with the tracker(s) when a token is configured, and seeded without a second hash pass.  The
+HTTP server publishes ``/torrents/<name>.torrent`` and ``/index.json``.  A restart seeds the
+published deploys again, rehashing only files whose size or mtime changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import web
+
+from . import fsutil, httpserver, runtime, torrent
+from .lt import AlertPump, apply_rate_limits, lan_settings, lt, make_session
+from .watch import DropWatcher
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "deploys.json"
+REGISTER_RETRY_SECONDS = (1, 2, 5, 10, 30)
+
+
+class Deploy:
+    """One published deploy: its torrent, where its data is, and its libtorrent handle."""
+
+    def __init__(self, name: str, made: dict):
+        self.name = name
+        self.info_hash = made["info_hash"]
+        self.size = made["size"]
+        self.created = made["created"]
+        self.sources = made["sources"]  # [[abspath, size, mtime_ns]]
+        self.handle = None
+
+    def record(self) -> dict:
+        return {
+            "info_hash": self.info_hash,
+            "size": self.size,
+            "created": self.created,
+            "sources": self.sources,
+        }
+
+    def unchanged_on_disk(self) -> bool:
+        for path, size, mtime_ns in self.sources:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return False
+            if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                return False
+        return True
+
+
+class SeederService(runtime.Service):
+    name = "seeder"
+    live_keys = frozenset({("seeder", "upload_rate_limit"), ("seeder", "ignore_suffixes")})
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        c = cfg["seeder"]
+        self.drop_dir = Path(c["drop_dir"])
+        self.publish_dir = Path(c["publish_dir"])
+        self.state_dir = Path(c["state_dir"])
+        self.deploys: dict[str, Deploy] = {}
+        self.hashing: dict[str, asyncio.Task] = {}
+        self.rehash_wanted: set[str] = set()
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="hash")
+        self.session = None
+        self.pump = None
+        self.watcher = None
+        self.http = None
+        self.client: aiohttp.ClientSession | None = None
+        self.token = ""
+        self.tasks: set[asyncio.Task] = set()
+        self.published_total = 0
+
+    # --- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        c = self.cfg["seeder"]
+        for directory in (self.drop_dir, self.publish_dir, self.state_dir):
+            try:
+                fsutil.ensure_dir(directory)
+            except OSError as exc:
+                raise runtime.StartupError(f"cannot create {directory}: {exc.strerror}") from None
+        if c["token_file"]:
+            try:
+                self.token = Path(c["token_file"]).read_text().strip()
+            except OSError as exc:
+                raise runtime.StartupError(
+                    f"cannot read token_file {c['token_file']}: {exc.strerror}"
+                ) from None
+        listen = c["listen_interfaces"] or f"0.0.0.0:{c['listen_port']}"
+        self.session = make_session(
+            lan_settings(
+                listen,
+                upload_rate_limit=c["upload_rate_limit"],
+                announce_ip=c["announce_ip"],
+                seeder=True,
+            )
+        )
+        self.pump = AlertPump(self.session, self._alert)
+        self.client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self._restore()
+        self.http = await httpserver.serve(self._app(), c["http_listen"], "torrent server")
+        self.watcher = DropWatcher(
+            self.drop_dir,
+            on_ready=self._dropped,
+            on_gone=self._gone,
+            on_refused=self._refused,
+            ignore_suffixes=tuple(c["ignore_suffixes"]),
+        )
+        try:
+            self.watcher.start()
+        except OSError as exc:
+            raise runtime.StartupError(str(exc)) from None
+
+    async def stop(self) -> None:
+        if self.watcher:
+            self.watcher.stop()
+        for task in list(self.hashing.values()) + list(self.tasks):
+            task.cancel()
+        if self.http:
+            await self.http.cleanup()
+        if self.client:
+            await self.client.close()
+        if self.pump:
+            self.pump.close()
+        if self.session:
+            self.session.pause()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def reload(self, cfg) -> None:
+        self.cfg = cfg
+        c = cfg["seeder"]
+        apply_rate_limits(self.session, c["upload_rate_limit"], 0)
+        if self.watcher:
+            self.watcher.ignore_suffixes = tuple(c["ignore_suffixes"])
+
+    def status(self) -> str:
+        seeding = len(self.deploys)
+        peers = 0
+        rate = 0
+        for deploy in self.deploys.values():
+            if deploy.handle is not None and deploy.handle.is_valid():
+                st = deploy.handle.status()
+                peers += st.num_peers
+                rate += st.upload_rate
+        return (
+            f"{seeding} deploys seeding, {len(self.hashing)} hashing, {peers} peers, "
+            f"up {rate / 1e6:.1f} MB/s"
+        )
+
+    # --- state ------------------------------------------------------------------------
+
+    def _state_path(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    def _save_state(self) -> None:
+        data = {name: d.record() for name, d in self.deploys.items()}
+        fsutil.atomic_write_json(self._state_path(), {"version": 1, "deploys": data})
+
+    def _restore(self) -> None:
+        """Seed what was published before a restart; unchanged files are not rehashed."""
+        try:
+            saved = fsutil.read_json(self._state_path()).get("deploys", {})
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.error("cannot read %s (%s): every deploy will be rehashed", self._state_path(), exc)
+            return
+        for name, record in saved.items():
+            deploy = Deploy(name, record)
+            torrent_path = self._torrent_path(name)
+            if not deploy.unchanged_on_disk() or not torrent_path.exists():
+                log.info("deploy %s changed or vanished while stopped: republishing", name)
+                self._unpublish_files(name)
+                continue
+            try:
+                parsed = torrent.load(torrent_path)
+            except (OSError, torrent.TorrentError) as exc:
+                log.warning("published torrent %s unusable (%s): rehashing", torrent_path, exc)
+                continue
+            self.deploys[name] = deploy
+            self._seed(deploy, parsed)
+            log.info("deploy %s (%s) restored without rehashing", name, deploy.info_hash)
+        self._save_state()
+
+    # --- drop dir events --------------------------------------------------------------
+
+    def _dropped(self, path: Path) -> None:
+        name = path.name
+        try:
+            torrent.check_name(name)
+        except torrent.TorrentError as exc:
+            log.error("ignoring %s: %s", path, exc)
+            return
+        current = self.deploys.get(name)
+        if current is not None and current.unchanged_on_disk():
+            log.debug("deploy %s unchanged, already seeding", name)
+            return
+        if name in self.hashing:
+            self.rehash_wanted.add(name)  # changed again while hashing: hash once more after
+            return
+        self.hashing[name] = asyncio.get_running_loop().create_task(self._publish(path))
+
+    def _gone(self, path: Path) -> None:
+        name = path.name
+        task = self.hashing.pop(name, None)
+        if task:
+            task.cancel()
+        if name in self.deploys:
+            log.info("deploy %s removed from the drop dir: unpublishing", name)
+            self._unpublish(name)
+
+    def _refused(self, path: Path, kind: str) -> None:
+        log.warning("ignoring %s in the drop dir: %s (deploys must be regular files)", path, kind)
+
+    # --- publishing -------------------------------------------------------------------
+
+    async def _publish(self, path: Path) -> None:
+        try:
+            await self._publish_once(path)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("deploy %s: publishing failed", path.name)
+
+    async def _publish_once(self, path: Path) -> None:
+        name = path.name
+        c = self.cfg["seeder"]
+        started = time.monotonic()
+        log.info("deploy %s: hashing %s", name, path)
+        try:
+            made = await asyncio.get_running_loop().run_in_executor(
+                self.pool,
+                lambda: torrent.make_torrent(
+                    path, c["trackers"], c["piece_size"], c["torrent_format"]
+                ),
+            )
+        except torrent.FileChangedError as exc:
+            log.warning("deploy %s: %s; will hash again once it settles", name, exc)
+            made = None
+            if path.exists():
+                self.rehash_wanted.add(name)
+        except (torrent.TorrentError, OSError) as exc:
+            log.error("deploy %s: cannot make a torrent: %s", name, exc)
+            made = None
+        finally:
+            self.hashing.pop(name, None)
+        if name in self.rehash_wanted:
+            self.rehash_wanted.discard(name)
+            if path.exists():
+                self._dropped(path)
+            return
+        if made is None:
+            return
+        elapsed = time.monotonic() - started
+        log.info(
+            "deploy %s: hashed %d bytes in %.2fs (%.0f MB/s), info-hash %s, sha256 %s",
+            name,
+            made.total_size,
+            elapsed,
+            made.total_size / max(elapsed, 1e-6) / 1e6,
+            made.info_hash,
+            ", ".join(f"{k}={v}" for k, v in made.sha256.items()) if len(made.sha256) < 4 else "…",
+        )
+        old = self.deploys.pop(name, None)
+        if old is not None and old.info_hash != made.info_hash:
+            log.info("deploy %s replaced: %s -> %s", name, old.info_hash, made.info_hash)
+            self._remove_from_session(old)
+            self._unregister(old)
+        deploy = Deploy(
+            name,
+            {
+                "info_hash": made.info_hash,
+                "size": made.total_size,
+                "created": time.time(),
+                "sources": [[s.abspath, s.size, s.mtime_ns] for s in made.sources],
+            },
+        )
+        fsutil.atomic_write(self._torrent_path(name), made.data)
+        self.deploys[name] = deploy
+        self._save_state()
+        self._seed(deploy, torrent.parse(made.data))
+        self.published_total += 1
+        log.info("deploy %s published at %s", name, self.torrent_url(name))
+        self._spawn(self._register(deploy, made.data))
+
+    def _seed(self, deploy: Deploy, parsed: torrent.Torrent) -> None:
+        params = lt.add_torrent_params()
+        params.ti = parsed.info
+        params.save_path = str(self.drop_dir)  # relpaths start at the dropped entry
+        params.flags = lt.torrent_flags.seed_mode
+        deploy.handle = self.session.add_torrent(params)
+
+    def _remove_from_session(self, deploy: Deploy) -> None:
+        if deploy.handle is not None and deploy.handle.is_valid():
+            self.session.remove_torrent(deploy.handle)
+        deploy.handle = None
+
+    def _unpublish(self, name: str) -> None:
+        deploy = self.deploys.pop(name)
+        self._remove_from_session(deploy)
+        self._unpublish_files(name)
+        self._save_state()
+        self._unregister(deploy)
+
+    def _unpublish_files(self, name: str) -> None:
+        try:
+            self._torrent_path(name).unlink()
+        except FileNotFoundError:
+            pass
+
+    def _torrent_path(self, name: str) -> Path:
+        return self.publish_dir / f"{name}.torrent"
+
+    def base_url(self) -> str:
+        c = self.cfg["seeder"]
+        if c["public_url"]:
+            return c["public_url"].rstrip("/")
+        host, port = c["http_listen"].rsplit(":", 1)
+        host = host.strip("[]")
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+
+    def torrent_url(self, name: str) -> str:
+        return f"{self.base_url()}/torrents/{quote(name)}.torrent"
+
+    # --- tracker registration ---------------------------------------------------------
+
+    def _register_urls(self) -> list[str]:
+        urls = []
+        for announce in self.cfg["seeder"]["trackers"]:
+            if announce.startswith("http") and announce.endswith("/announce"):
+                urls.append(announce[: -len("/announce")] + "/register")
+        return urls
+
+    async def _register(self, deploy: Deploy, data: bytes) -> None:
+        if not self.token:
+            return
+        headers = {"Authorization": f"Bearer {self.token}"}
+        for url in self._register_urls():
+            for attempt, delay in enumerate((0,) + REGISTER_RETRY_SECONDS):
+                await asyncio.sleep(delay)
+                if self.deploys.get(deploy.name) is not deploy:
+                    return  # replaced or removed meanwhile
+                try:
+                    async with self.client.post(url, data=data, headers=headers) as resp:
+                        body = await resp.text()
+                        if resp.status == 200:
+                            log.info("deploy %s registered with %s", deploy.name, url)
+                            if deploy.handle is not None and deploy.handle.is_valid():
+                                deploy.handle.force_reannounce()
+                            break
+                        log.error(
+                            "deploy %s: %s refused registration (%s): %s",
+                            deploy.name,
+                            url,
+                            resp.status,
+                            body[:200],
+                        )
+                        if resp.status in (400, 401, 403):
+                            break  # retrying won't help
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    log.warning(
+                        "deploy %s: registering with %s failed (attempt %d): %s",
+                        deploy.name,
+                        url,
+                        attempt + 1,
+                        exc or type(exc).__name__,
+                    )
+
+    def _unregister(self, deploy: Deploy) -> None:
+        if self.token:
+            self._spawn(self._unregister_async(deploy))
+
+    async def _unregister_async(self, deploy: Deploy) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        for url in self._register_urls():
+            try:
+                async with self.client.delete(f"{url}/{deploy.info_hash}", headers=headers):
+                    pass
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.warning("deploy %s: unregistering from %s failed: %s", deploy.name, url, exc)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # --- libtorrent alerts ------------------------------------------------------------
+
+    def _alert(self, alert) -> None:
+        if isinstance(alert, (lt.tracker_error_alert, lt.torrent_error_alert, lt.file_error_alert)):
+            log.warning("libtorrent: %s", alert.message())
+        elif isinstance(alert, lt.listen_failed_alert):
+            log.error("libtorrent: %s", alert.message())
+        else:
+            log.debug("libtorrent: %s", alert.message())
+
+    # --- HTTP -------------------------------------------------------------------------
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/index.json", self._index)
+        app.router.add_get("/torrents/{file}", self._torrent_file)
+        app.router.add_get("/healthz", lambda request: web.Response(text="ok\n"))
+        return app
+
+    def index(self) -> list[dict]:
+        return [
+            {
+                "name": d.name,
+                "info_hash": d.info_hash,
+                "size": d.size,
+                "created": d.created,
+                "url": self.torrent_url(d.name),
+            }
+            for d in sorted(self.deploys.values(), key=lambda d: d.created)
+        ]
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.json_response({"deploys": self.index()})
+
+    async def _torrent_file(self, request: web.Request) -> web.StreamResponse:
+        file = request.match_info["file"]
+        if not file.endswith(".torrent") or file[: -len(".torrent")] not in self.deploys:
+            raise web.HTTPNotFound(text="no such deploy\n")
+        path = self._torrent_path(file[: -len(".torrent")])
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise web.HTTPNotFound(text="no such deploy\n") from None
+        return web.Response(body=data, content_type="application/x-bittorrent")
+
+
+def main() -> None:
+    sys.exit(runtime.run(SeederService))
