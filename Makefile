@@ -46,16 +46,81 @@ demo: venv
 bench: venv system-deps
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-# Used by the RPM's %install: the package, its scripts, config, units and logrotate file.
+# --- Install and packaging (install, dist, srpm, rpm, repo) ------------------------------------
+# `make install DESTDIR=... PREFIX=/usr` is what the RPM's %install runs.  The Python package
+# goes to PYTHON_SITELIB exactly (pip --target, then moved), whatever scheme the build
+# host's python patches in (Debian's maps /usr to /usr/local); scripts get PYTHON_SHEBANG.
+BINDIR ?= $(PREFIX)/bin
+PYTHON_SITELIB ?= $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("purelib", vars={"base": "$(PREFIX)", "platbase": "$(PREFIX)"}))')
+PYTHON_SHEBANG ?= /usr/bin/python3
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+LOGROTATEDIR ?= $(SYSCONFDIR)/logrotate.d
+PIP_STAGE := build/pip-target
+
+# RPMs.  The version lives only in murderd/__init__.py: `make srpm` writes it (and RELEASE)
+# into the copy of packaging/rpm/murderd.spec that goes into the SRPM, so the SRPM rebuilds
+# anywhere on its own.  On a host without EL9's rpm macros (Debian) packaging/rpm/macros.el9
+# stands in for them and BuildRequires are not checked (--nodeps).
+RELEASE ?= 1
+RPM_TOPDIR ?= $(CURDIR)/build/rpm
+REPO_DIR ?= $(CURDIR)/build/repo
+RPM_ON_EL := $(shell rpm --eval '%{?_unitdir}' 2>/dev/null)
+RPM_HOST_OPTS := $(if $(RPM_ON_EL),,--load=$(CURDIR)/packaging/rpm/macros.el9 --nodeps --define "murderd_check_python $(CURDIR)/$(VENV)/bin/python")
+RPMBUILD_OPTS ?=
+RPMBUILD := rpmbuild --define "_topdir $(RPM_TOPDIR)" $(RPM_HOST_OPTS) $(RPMBUILD_OPTS)
+SRPM := $(RPM_TOPDIR)/SRPMS/murderd-$(VERSION)-$(RELEASE).src.rpm
+
+.PHONY: srpm rpm repo
+
 install:
-	$(PYTHON) -m pip install --no-deps --no-build-isolation --no-index --root "$(DESTDIR)/" --prefix "$(PREFIX)" .
+	rm -rf $(PIP_STAGE)
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation --no-index --no-compile --target $(PIP_STAGE) .
+	install -d "$(DESTDIR)$(PYTHON_SITELIB)" "$(DESTDIR)$(BINDIR)"
+	cp -R $(PIP_STAGE)/murderd $(PIP_STAGE)/murderd-$(VERSION).dist-info "$(DESTDIR)$(PYTHON_SITELIB)/"
+	# The RECORD and direct_url.json pip wrote describe the staging directory, not this one.
+	rm -f "$(DESTDIR)$(PYTHON_SITELIB)/murderd-$(VERSION).dist-info/RECORD" \
+	      "$(DESTDIR)$(PYTHON_SITELIB)/murderd-$(VERSION).dist-info/direct_url.json"
+	for script in $(PIP_STAGE)/bin/*; do \
+	  sed '1s|^#!.*python.*$$|#!$(PYTHON_SHEBANG)|' "$$script" > "$(DESTDIR)$(BINDIR)/$${script##*/}" && \
+	  chmod 0755 "$(DESTDIR)$(BINDIR)/$${script##*/}" || exit 1; \
+	done
 	install -D -m 0644 murderd.conf "$(DESTDIR)$(SYSCONFDIR)/murderd/murderd.conf"
 	install -d -m 0755 "$(DESTDIR)$(SYSCONFDIR)/murderd/conf.d"
+	install -D -m 0644 -t "$(DESTDIR)$(UNITDIR)" systemd/murder-tracker.service \
+	  systemd/murder-seeder.service systemd/murder-peer.service
+	install -D -m 0644 logrotate/murderd "$(DESTDIR)$(LOGROTATEDIR)/murderd"
+	install -D -m 0644 packaging/sysusers.d/murderd.conf "$(DESTDIR)$(SYSUSERSDIR)/murderd.conf"
+	install -D -m 0644 packaging/tmpfiles.d/murderd.conf "$(DESTDIR)$(TMPFILESDIR)/murderd.conf"
+	rm -rf $(PIP_STAGE)
 
+# The source tarball: the files git tracks, as they are in the work tree.
 dist:
 	mkdir -p dist
 	git ls-files -z | tar --null -T - --transform 's,^,murderd-$(VERSION)/,' -czf dist/murderd-$(VERSION).tar.gz
 	@echo dist/murderd-$(VERSION).tar.gz
+
+srpm: dist
+	rm -rf $(RPM_TOPDIR)/SOURCES $(RPM_TOPDIR)/SPECS
+	mkdir -p $(RPM_TOPDIR)/SOURCES $(RPM_TOPDIR)/SPECS
+	cp dist/murderd-$(VERSION).tar.gz $(RPM_TOPDIR)/SOURCES/
+	{ echo '%global murderd_version $(VERSION)'; echo '%global murderd_release $(RELEASE)'; \
+	  cat packaging/rpm/murderd.spec; } > $(RPM_TOPDIR)/SPECS/murderd.spec
+	$(RPMBUILD) -bs $(RPM_TOPDIR)/SPECS/murderd.spec
+	@echo $(SRPM)
+
+# Built from the SRPM alone, as a build host or mock would; %check runs the unit tests.
+rpm: srpm $(if $(RPM_ON_EL),,venv)
+	$(RPMBUILD) --rebuild $(SRPM)
+	@ls $(RPM_TOPDIR)/RPMS/noarch/murderd-$(VERSION)-$(RELEASE).*noarch.rpm
+
+# A yum repository a fleet can point at (baseurl=file:// or served over HTTP).
+repo: rpm
+	mkdir -p $(REPO_DIR)
+	cp $(RPM_TOPDIR)/RPMS/noarch/murderd-$(VERSION)-$(RELEASE).*noarch.rpm $(REPO_DIR)/
+	createrepo_c --quiet --update $(REPO_DIR)
+	@echo $(REPO_DIR)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
