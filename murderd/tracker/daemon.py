@@ -22,6 +22,8 @@ import pyinotify
 from aiohttp import web
 
 from .. import config, runtime, torrent
+from ..fsutil import atomic_write
+from . import http
 from . import registry as reg
 from .http import TrackerHTTP
 
@@ -64,25 +66,6 @@ def read_token(path: str) -> str | None:
         log.warning("token_file %s is empty: POST /register is off", path)
         return None
     return token
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """Write a file so readers see the old or the new content, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def bind_listen_socket(listen: str) -> socket.socket:
@@ -178,7 +161,9 @@ class TrackerService(runtime.Service):
             await self._scan()
             self._tasks.append(asyncio.ensure_future(self._watch_worker()))
             self._tasks.append(asyncio.ensure_future(self._sweeper()))
-            self._runner = web.AppRunner(self.http.make_app(), access_log=None)
+            self._runner = web.AppRunner(
+                self.http.make_app(), access_log=None, logger=http.server_log
+            )
             await self._runner.setup()
             site = web.SockSite(self._runner, sock, backlog=LISTEN_BACKLOG)
             await site.start()
@@ -384,7 +369,7 @@ class TrackerService(runtime.Service):
         ]
         data = json.dumps({"version": STATE_VERSION, "registrations": items}, indent=1)
         try:
-            atomic_write(self.state_path, data.encode() + b"\n")
+            atomic_write(self.state_path, data.encode() + b"\n", mode=0o640)
         except OSError as exc:
             log.error("cannot save registrations to %s: %s", self.state_path, exc.strerror)
             raise

@@ -18,6 +18,7 @@ from typing import Protocol
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client import generate_latest as prometheus_text
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -137,6 +138,31 @@ def _failure(reason: str) -> web.Response:
     return web.Response(
         body=bencode({b"failure reason": reason.encode()}), content_type="text/plain"
     )
+
+
+class _BadRequestFilter(logging.Filter):
+    """aiohttp logs a traceback at ERROR for every request it cannot parse (it answers 400).
+
+    Anyone can send those, so one DEBUG line each is enough; real server errors pass as they
+    are.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or (exc.code or 500) >= 500:
+            return True
+        if not server_log.isEnabledFor(logging.DEBUG):
+            return False
+        reason = " ".join(str(exc.message or type(exc).__name__).split())[:160]
+        record.msg, record.args = "%s: %s %s", (record.getMessage(), exc.code, reason)
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+# aiohttp's own messages about connections (bad requests, handler errors) go here.
+server_log = logging.getLogger(__name__ + ".server")
+server_log.addFilter(_BadRequestFilter())
 
 
 class _StateCollector:
