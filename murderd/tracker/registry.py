@@ -333,6 +333,8 @@ class Registry:
         peer = peers.get(peer_id)
         if event == EVENT_STOPPED:
             if peer is not None:
+                if peer.left != 0 and left == 0:
+                    deploy.completed += 1  # finished, then stopped without a "completed"
                 deploy.remove(peer)
             return None
         if peer is None:
@@ -363,7 +365,9 @@ class Registry:
                 peer.compact, peer.v6, peer.subnet = compact, v6, subnet
                 peer.left = left
                 deploy._add_to_pools(peer)
-                if event == EVENT_COMPLETED and was_leeching:
+                if was_leeching and left == 0:
+                    # A leecher that now has everything finished, whether or not it says
+                    # event=completed (aria2c with --seed-time=0 only sends "stopped").
                     deploy.completed += 1
             else:
                 peer.left = left

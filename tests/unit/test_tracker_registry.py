@@ -143,6 +143,17 @@ def test_completion_moves_a_peer_and_counts_once():
     assert [p.peer_id for p in r.select(deploy, other, 10)] == [pid(1)]
 
 
+def test_finishing_without_completed_event_counts():
+    r = make()
+    deploy, _ = announce(r, 1, left=50)
+    announce(r, 1, left=0, event=reg.EVENT_STOPPED)  # aria2c --seed-time=0 does this
+    announce(r, 2, left=50)
+    announce(r, 2, left=0)  # a regular announce with left=0
+    announce(r, 3, left=0, event=reg.EVENT_STOPPED)  # unknown peer: nothing to count
+    announce(r, 4, left=0)  # a seed from the start did not download
+    assert deploy.completed == 2
+
+
 def test_peer_changing_address_moves_subnet():
     r = make()
     deploy, peer = announce(r, 1, ip="10.0.0.1")
