@@ -34,6 +34,9 @@ TEST_CONFIG = """\
 follow = http://127.0.0.1:8999/index.json
 follow_interval = 1
 """
+# A short watchdog for the test run (the units ship 30 s): a daemon that stopped pinging
+# would be killed within the tests' lifetime.
+WATCHDOG_DROPIN = "[Service]\nWatchdogSec=5s\n"
 
 
 class Machine:
@@ -135,6 +138,10 @@ def machine(rpm_build, tmp_path_factory):
         print(install.stdout, install.stderr)
         (root / SITELIB_SHIM).write_text("/usr/lib/python3.9/site-packages\n")
         (root / "etc/murderd/conf.d/50-test.conf").write_text(TEST_CONFIG)
+        for unit in UNITS:
+            dropin = root / "etc/systemd/system" / f"{unit}.d"
+            dropin.mkdir(parents=True)
+            (dropin / "50-test-watchdog.conf").write_text(WATCHDOG_DROPIN)
         booted = Machine(root, tmp_path_factory.mktemp("console") / "console.log")
         booted.boot()
         yield booted
@@ -214,6 +221,16 @@ def test_units_start_and_become_active_via_sd_notify(daemons):
         assert show["NRestarts"] == "0"
         user = daemons.run("ps", "-o", "user=", "-p", show["MainPID"]).stdout.strip()
         assert user == "murderd"
+    # The watchdog keeps being fed (WatchdogSec=5s here): its timestamp moves, nothing restarts.
+    for unit in UNITS:
+        first = daemons.show(unit)["WatchdogTimestampMonotonic"]
+        wait_for(
+            lambda u=unit, f=first: daemons.show(u)["WatchdogTimestampMonotonic"] != f,
+            10,
+            what=f"a WATCHDOG=1 from {unit}",
+        )
+        show = daemons.show(unit)
+        assert (show["ActiveState"], show["NRestarts"]) == ("active", "0"), show
 
 
 def test_drop_by_a_murderd_group_member_reaches_the_peer_destination(daemons):
