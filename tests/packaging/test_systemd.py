@@ -320,6 +320,13 @@ def test_broken_config_fails_with_78_and_the_journal_names_the_key(daemons):
     assert daemons.show("murder-tracker.service")["ActiveState"] == "active"
 
 
+def test_daemon_logs_have_no_tracebacks(daemons):
+    """Debian's python3-libtorrent is 2.0.x, like EPEL 9's: the daemons must run on it."""
+    for daemon in DAEMONS.values():
+        text = read(log_path(daemons, daemon, ".1")) + read(log_path(daemons, daemon))
+        assert "Traceback" not in text, f"{daemon}.log:\n{text[-3000:]}"
+
+
 def test_upgrade_keeps_the_edited_config(machine, rpm_build, rpm_upgrade):
     conf = machine.root / "etc/murderd/murderd.conf"
     edited = conf.read_text().replace('# level = "info"', 'level = "debug"', 1)
