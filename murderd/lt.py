@@ -124,6 +124,9 @@ def lan_settings(
             "max_allowed_in_request_queue": 2000,
             "request_queue_time": 2,
             "whole_pieces_threshold": 5,
+            # Finished peers keep their connections (to the seeder too) until they stop
+            # seeding: the byte accounting (seeder vs peers) stays complete.
+            "close_redundant_connections": False,
             "smooth_connects": False,
             "tracker_completion_timeout": 10,
             "tracker_receive_timeout": 5,
@@ -214,3 +217,36 @@ def info_hash_hex(handle_or_info) -> str:
     if hashes.has_v1():
         return str(hashes.v1)
     return str(hashes.v2)[:40]
+
+
+def check_pieces(ti: _lt.torrent_info, save_path: str, timeout: float = 3600.0) -> list[int]:
+    """Hash-check data under save_path against a torrent (any format); bad piece indexes.
+
+    Blocking (for murderctl): a throwaway session with no network checks the files.
+    """
+    import time
+
+    settings = {
+        "listen_interfaces": "",
+        "enable_dht": False,
+        "enable_lsd": False,
+        "enable_upnp": False,
+        "enable_natpmp": False,
+        "alert_mask": _lt.alert.category_t.status_notification
+        | _lt.alert.category_t.error_notification,
+    }
+    session = _lt.session(settings)
+    params = _lt.add_torrent_params()
+    params.ti = ti
+    params.save_path = save_path
+    # Not paused (a paused torrent is not checked); stop once checked; never download.
+    params.flags = _lt.torrent_flags.stop_when_ready | _lt.torrent_flags.upload_mode
+    handle = session.add_torrent(params)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        session.wait_for_alert(500)
+        for alert in session.pop_alerts():
+            if isinstance(alert, _lt.torrent_checked_alert):
+                pieces = handle.status().pieces
+                return [i for i, have in enumerate(pieces) if not have]
+    raise TimeoutError("hash check did not finish in time")

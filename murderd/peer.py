@@ -142,6 +142,7 @@ class PeerService(runtime.Service):
         self.resume_done = asyncio.Event()
         self.follow_seen: set[str] = set()
         self.hash_failures_total = 0
+        self.flush_waiters: dict[str, asyncio.Future] = {}
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -480,7 +481,11 @@ class PeerService(runtime.Service):
             return
         handle = getattr(alert, "handle", None)
         deploy = self._by_handle(handle) if handle is not None else None
-        if isinstance(alert, (lt.torrent_finished_alert, lt.torrent_checked_alert)):
+        if isinstance(alert, lt.cache_flushed_alert):
+            waiter = self.flush_waiters.pop(deploy.info_hash, None) if deploy else None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(True)
+        elif isinstance(alert, (lt.torrent_finished_alert, lt.torrent_checked_alert)):
             if deploy and deploy.state in ("downloading", "stalled") and handle.status().is_seeding:
                 self._spawn(self._complete(deploy))
         elif isinstance(alert, lt.hash_failed_alert):
@@ -529,9 +534,11 @@ class PeerService(runtime.Service):
                     continue
                 if not deploy.handle.is_valid():
                     continue
-                st = deploy.handle.status()
-                deploy.progress = round(st.progress, 4)
-                self._account_peers(deploy)
+                try:
+                    deploy.progress = round(deploy.handle.status().progress, 4)
+                    self._account_peers(deploy)
+                except Exception:
+                    log.exception("deploy %s: cannot read its status", deploy.name)
                 if write:
                     self._write_state(deploy)
             if write:
@@ -540,8 +547,9 @@ class PeerService(runtime.Service):
 
     def _account_peers(self, deploy: PeerDeploy) -> None:
         for peer in deploy.handle.get_peer_info():
-            key = (peer.ip[0], peer.ip[1], bytes(peer.pid)[:8])
-            from_seeder = bytes(peer.pid).startswith(SEEDER_FINGERPRINT)
+            pid = peer.pid.to_bytes()
+            key = (peer.ip[0], peer.ip[1], pid)
+            from_seeder = pid.startswith(SEEDER_FINGERPRINT)
             deploy.peer_bytes[key] = (from_seeder, peer.total_download)
         deploy.bytes_from_seeder = sum(b for s, b in deploy.peer_bytes.values() if s)
         deploy.bytes_from_peers = sum(b for s, b in deploy.peer_bytes.values() if not s)
@@ -604,6 +612,7 @@ class PeerService(runtime.Service):
         self._account_peers(deploy)
         deploy.progress = 1.0
         self._set_state(deploy, "verifying")
+        await self._flush(deploy)
         staging = self._staging(deploy)
         files = deploy.torrent.files
         sums = await loop.run_in_executor(
@@ -654,6 +663,22 @@ class PeerService(runtime.Service):
             deploy.hook = await self._run_hook(deploy, placed[-1])
         self._set_state(deploy, "seeding")
         deploy.linger_timer = loop.call_later(c["linger_seconds"], self._linger_check, deploy)
+
+    async def _flush(self, deploy: PeerDeploy, timeout: float = 60.0) -> None:
+        """Wait until libtorrent has written every downloaded byte to the staged file.
+
+        libtorrent 2.1 keeps written blocks in a store buffer: the finished alert can come
+        before the data is in the file, so the end-to-end hash would read stale bytes.
+        """
+        waiter = asyncio.get_running_loop().create_future()
+        self.flush_waiters[deploy.info_hash] = waiter
+        deploy.handle.flush_cache()
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            log.warning("deploy %s: disk cache flush not confirmed in %ss", deploy.name, timeout)
+        finally:
+            self.flush_waiters.pop(deploy.info_hash, None)
 
     def _resume_path_cleanup(self, deploy: PeerDeploy) -> None:
         self._paths(deploy.info_hash)[2].unlink(missing_ok=True)

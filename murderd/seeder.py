@@ -107,6 +107,7 @@ class SeederService(runtime.Service):
                 upload_rate_limit=c["upload_rate_limit"],
                 announce_ip=c["announce_ip"],
                 seeder=True,
+                fingerprint="-MS0100-",
             )
         )
         self.pump = AlertPump(self.session, self._alert)

@@ -195,12 +195,11 @@ def _pick(lists: tuple, count: int, skip: Peer, skip_net, skipped: int) -> list[
         chunk = items[offset : offset + want - len(window)]
         window.extend(chunk)
         position = (position + len(chunk)) % total
-    for peer in window:
-        if peer is not skip and peer.subnet != skip_net:
-            out.append(peer)
-            if len(out) == count:
-                break
-    return out
+    if skip_net is None:
+        out = [peer for peer in window if peer is not skip]
+    else:
+        out = [peer for peer in window if peer is not skip and peer.subnet != skip_net]
+    return out[:count]
 
 
 class Registry:
