@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pkgtest import Build, make_rpm
+from pkgtest import Build, make_newer_rpm, make_rpm
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +13,6 @@ def rpm_build(tmp_path_factory) -> Build:
 
 
 @pytest.fixture(scope="session")
-def rpm_upgrade(tmp_path_factory) -> Build:
-    """A newer release of the same version, for upgrade tests (%check skipped)."""
-    return make_rpm(tmp_path_factory.mktemp("rpm2"), "2", "RPMBUILD_OPTS=--without check")
+def rpm_upgrade(rpm_build, tmp_path_factory) -> Build:
+    """The next release, whose sample config changed: for upgrade tests."""
+    return make_newer_rpm(rpm_build, tmp_path_factory.mktemp("rpm2"))

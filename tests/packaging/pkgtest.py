@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,3 +117,42 @@ def missing_daemons(build: Build) -> list[str]:
         "murder-peer": f"{sitelib}/peer.py",
     }
     return [name for name, path in wanted.items() if path not in files]
+
+
+NEWER_CONFIG_LINE = "# (a line the newer release's sample config adds)\n"
+
+
+def make_newer_rpm(base: Build, topdir: Path) -> Build:
+    """Release base+1 of the same sources, except that its sample murderd.conf changed.
+
+    Built from base's SRPM (its spec and tarball, release bumped, murderd.conf edited), so
+    that an upgrade has to decide between the admin's edited config and a new packaged one:
+    what %config(noreplace) is for.
+    """
+    need("rpm", "rpmbuild")
+    release = str(int(base.release) + 1)
+    run(["rpm", "-i", "--define", f"_topdir {topdir}", str(base.srpm)])
+    tarball = topdir / "SOURCES" / f"murderd-{base.version}.tar.gz"
+    unpacked = topdir / "unpacked"
+    with tarfile.open(tarball) as tar:
+        tar.extractall(unpacked)
+    with open(unpacked / f"murderd-{base.version}" / "murderd.conf", "a") as conf:
+        conf.write(NEWER_CONFIG_LINE)
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(unpacked / f"murderd-{base.version}", arcname=f"murderd-{base.version}")
+    spec = topdir / "SPECS" / "murderd.spec"
+    text = spec.read_text()
+    assert f"%global murderd_release {base.release}\n" in text
+    spec.write_text(
+        text.replace(
+            f"%global murderd_release {base.release}\n", f"%global murderd_release {release}\n"
+        )
+    )
+    host = []
+    if not run(["rpm", "--eval", "%{?_unitdir}"]).stdout.strip():  # as the Makefile does
+        host = ["--load", str(REPO / "packaging" / "rpm" / "macros.el9"), "--nodeps"]
+    rpmbuild = ["rpmbuild", "--define", f"_topdir {topdir}", *host, "--without", "check"]
+    run([*rpmbuild, "-bb", str(spec)], timeout=600)
+    build = Build(topdir, base.version, release)
+    assert build.rpm.exists(), f"rpmbuild did not produce {build.rpm}"
+    return build

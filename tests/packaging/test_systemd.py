@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import rootfs
-from pkgtest import UNITS, missing_daemons, need, run, wait_for
+from pkgtest import NEWER_CONFIG_LINE, UNITS, missing_daemons, need, run, wait_for
 
 # unit -> the name of its log file (<name>.log)
 DAEMONS = {unit: unit.removeprefix("murder-").removesuffix(".service") for unit in UNITS}
@@ -335,7 +335,10 @@ def test_upgrade_keeps_the_edited_config(machine, rpm_build, rpm_upgrade):
     rpm_root(machine.root, "-U", str(rpm_upgrade.rpm))
     query = run(["rpm", f"--root={machine.root}", "--dbpath=/var/lib/rpm", "-q", "murderd"])
     assert query.stdout.strip() == f"murderd-{rpm_upgrade.version}-{rpm_upgrade.release}.noarch"
+    # noreplace: the admin's file stays, the newer packaged one lands beside it.
     assert conf.read_text() == edited
+    rpmnew = conf.with_name("murderd.conf.rpmnew").read_text()
+    assert rpmnew.endswith(NEWER_CONFIG_LINE)
     if missing_daemons(rpm_build):
         return
     # What EL9's systemd-update-helper does after the transaction (Debian has none).
