@@ -70,7 +70,10 @@ RPM_ON_EL := $(shell rpm --eval '%{?_unitdir}' 2>/dev/null)
 RPM_HOST_OPTS := $(if $(RPM_ON_EL),,--load=$(CURDIR)/packaging/rpm/macros.el9 --nodeps --define "murderd_check_python $(CURDIR)/$(VENV)/bin/python")
 RPMBUILD_OPTS ?=
 RPMBUILD := rpmbuild --define "_topdir $(RPM_TOPDIR)" $(RPM_HOST_OPTS) $(RPMBUILD_OPTS)
-SRPM := $(RPM_TOPDIR)/SRPMS/murderd-$(VERSION)-$(RELEASE).src.rpm
+# %{?dist} is .el9 on an EL9 build host, empty elsewhere.
+DIST := $(shell rpm --eval '%{?dist}' 2>/dev/null)
+SRPM := $(RPM_TOPDIR)/SRPMS/murderd-$(VERSION)-$(RELEASE)$(DIST).src.rpm
+RPM_FILE := $(RPM_TOPDIR)/RPMS/noarch/murderd-$(VERSION)-$(RELEASE)$(DIST).noarch.rpm
 
 .PHONY: srpm rpm repo
 
@@ -113,12 +116,12 @@ srpm: dist
 # Built from the SRPM alone, as a build host or mock would; %check runs the unit tests.
 rpm: srpm $(if $(RPM_ON_EL),,venv)
 	$(RPMBUILD) --rebuild $(SRPM)
-	@ls $(RPM_TOPDIR)/RPMS/noarch/murderd-$(VERSION)-$(RELEASE).*noarch.rpm
+	@ls $(RPM_FILE)
 
 # A yum repository a fleet can point at (baseurl=file:// or served over HTTP).
 repo: rpm
 	mkdir -p $(REPO_DIR)
-	cp $(RPM_TOPDIR)/RPMS/noarch/murderd-$(VERSION)-$(RELEASE).*noarch.rpm $(REPO_DIR)/
+	cp $(RPM_FILE) $(REPO_DIR)/
 	createrepo_c --quiet --update $(REPO_DIR)
 	@echo $(REPO_DIR)
 

@@ -76,6 +76,10 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.2, what: str 
         time.sleep(interval)
 
 
+def rpm_dist() -> str:
+    return run(["rpm", "--eval", "%{?dist}"]).stdout.strip()
+
+
 @dataclass
 class Build:
     topdir: Path
@@ -84,11 +88,16 @@ class Build:
 
     @property
     def rpm(self) -> Path:
-        return self.topdir / "RPMS" / "noarch" / f"murderd-{self.version}-{self.release}.noarch.rpm"
+        return self.topdir / "RPMS" / "noarch" / f"murderd-{self.nvr}.noarch.rpm"
 
     @property
     def srpm(self) -> Path:
-        return self.topdir / "SRPMS" / f"murderd-{self.version}-{self.release}.src.rpm"
+        return self.topdir / "SRPMS" / f"murderd-{self.nvr}.src.rpm"
+
+    @property
+    def nvr(self) -> str:
+        """version-release%{?dist} (.el9 on an EL9 host, nothing on Debian)."""
+        return f"{self.version}-{self.release}{rpm_dist()}"
 
     def files(self) -> list[str]:
         return run(["rpm", "-qlp", str(self.rpm)]).stdout.split()

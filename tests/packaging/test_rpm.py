@@ -225,7 +225,7 @@ def test_dnf_installs_murderd_from_make_repo(rpm_build, tmp_path):
     )
     print(out.stdout)
     installed = run(["rpm", f"--root={root}", "-q", "murderd"]).stdout.strip()
-    assert installed == f"murderd-{rpm_build.version}-{rpm_build.release}.noarch"
+    assert installed == f"murderd-{rpm_build.nvr}.noarch"
     for path in (
         "usr/bin/murder-peer",
         "usr/lib/systemd/system/murder-peer.service",

@@ -202,7 +202,7 @@ def test_install_scriptlets_made_user_and_directories(machine, rpm_build):
         st = (machine.root / drop).stat()
         assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (int(uid), int(gid), 0o2775)
     query = run(["rpm", f"--root={machine.root}", "--dbpath=/var/lib/rpm", "-q", "murderd"])
-    assert query.stdout.strip() == f"murderd-{rpm_build.version}-{rpm_build.release}.noarch"
+    assert query.stdout.strip() == f"murderd-{rpm_build.nvr}.noarch"
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -334,7 +334,7 @@ def test_upgrade_keeps_the_edited_config(machine, rpm_build, rpm_upgrade):
     conf.write_text(edited)
     rpm_root(machine.root, "-U", str(rpm_upgrade.rpm))
     query = run(["rpm", f"--root={machine.root}", "--dbpath=/var/lib/rpm", "-q", "murderd"])
-    assert query.stdout.strip() == f"murderd-{rpm_upgrade.version}-{rpm_upgrade.release}.noarch"
+    assert query.stdout.strip() == f"murderd-{rpm_upgrade.nvr}.noarch"
     # noreplace: the admin's file stays, the newer packaged one lands beside it.
     assert conf.read_text() == edited
     rpmnew = conf.with_name("murderd.conf.rpmnew").read_text()
