@@ -14,12 +14,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from itertools import count
 from pathlib import Path
 
 from . import fsutil
 
 BIN = Path(sys.executable).parent
+_serial = count()
 
 
 def free_port() -> int:
@@ -77,7 +80,8 @@ class Daemon:
         self.workdir = Path(workdir)
         self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
-        self.notify_path = self.workdir / f".notify-{name}-{os.getpid()}-{id(self) % 100000}.sock"
+        # AF_UNIX paths are short (108 bytes): keep the socket in /tmp, not in workdir.
+        self.notify_path = Path(tempfile.gettempdir()) / f"mdn-{os.getpid()}-{next(_serial)}.sock"
         self.stderr_path = self.workdir / f"{name}.stderr"
         self.messages: list[str] = []
         self.sock: socket.socket | None = None
@@ -164,7 +168,11 @@ class Daemon:
 
 
 class LocalFleet:
-    """Tracker + seeder + N peers under root, all on 127.0.0.1."""
+    """Tracker + seeder + N peers under root, all on 127.0.0.1.
+
+    With follow=True every peer follows the seeder's index.json, so a file dropped on the
+    seeder reaches every peer with no further step.
+    """
 
     def __init__(
         self,
@@ -174,6 +182,7 @@ class LocalFleet:
         tracker: dict | None = None,
         seeder: dict | None = None,
         peer: dict | None = None,
+        follow: bool = False,
         log_level: str = "info",
     ):
         self.root = Path(root)
@@ -237,6 +246,8 @@ class LocalFleet:
                             "state_dir": str(base / "state"),
                             "listen_interfaces": f"127.0.0.1:{free_port()}",
                             "linger_seconds": 5,
+                            "follow": f"{self.seeder_url}/index.json" if follow else "",
+                            "follow_interval": 1,
                             **(peer or {}),
                         },
                     },

@@ -136,7 +136,7 @@ class Runner:
         self.config_path = config_path
         self.notifier = Notifier()
         self.service: Service | None = None
-        self._stop = asyncio.Event()
+        self._stop: asyncio.Event | None = None  # made in run(): 3.9 binds it to a loop
         self._reload_pending = False
         self._reloading = False
 
@@ -214,6 +214,7 @@ class Runner:
             await asyncio.sleep(interval)
 
     async def run(self) -> int:
+        self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._request_stop, signum)

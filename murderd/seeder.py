@@ -423,16 +423,22 @@ class SeederService(runtime.Service):
         return app
 
     def index(self) -> list[dict]:
-        return [
-            {
-                "name": d.name,
-                "info_hash": d.info_hash,
-                "size": d.size,
-                "created": d.created,
-                "url": self.torrent_url(d.name),
-            }
-            for d in sorted(self.deploys.values(), key=lambda d: d.created)
-        ]
+        out = []
+        for d in sorted(self.deploys.values(), key=lambda d: d.created):
+            valid = d.handle is not None and d.handle.is_valid()
+            st = d.handle.status() if valid else None
+            out.append(
+                {
+                    "name": d.name,
+                    "info_hash": d.info_hash,
+                    "size": d.size,
+                    "created": d.created,
+                    "url": self.torrent_url(d.name),
+                    "uploaded": st.all_time_upload if st else 0,
+                    "peers": st.num_peers if st else 0,
+                }
+            )
+        return out
 
     async def _index(self, request: web.Request) -> web.Response:
         return web.json_response({"deploys": self.index()})

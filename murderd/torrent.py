@@ -385,7 +385,7 @@ def parse(data: bytes, max_bytes: int = 16 * 1024 * 1024, max_total: int | None 
     ti = torrent_info(data, max_pieces=max(pieces + 1, 1))
     if ti.total_size() < total:
         raise TorrentError("libtorrent sees a different size than the info dictionary")
-    trackers = [t.url for t in ti.trackers()]
+    trackers = _trackers(top)
 
     return Torrent(
         data=bytes(data),
@@ -400,6 +400,20 @@ def parse(data: bytes, max_bytes: int = 16 * 1024 * 1024, max_total: int | None 
         has_v2=has_v2,
         info=ti,
     )
+
+
+def _trackers(top: dict) -> list[str]:
+    urls = []
+    tiers = top.get(b"announce-list")
+    if isinstance(tiers, list):
+        for tier in tiers:
+            for url in tier if isinstance(tier, list) else []:
+                if isinstance(url, bytes):
+                    urls.append(url.decode("utf-8", "replace"))
+    announce = top.get(b"announce")
+    if isinstance(announce, bytes) and announce.decode("utf-8", "replace") not in urls:
+        urls.insert(0, announce.decode("utf-8", "replace"))
+    return urls
 
 
 def load(path: str | os.PathLike, **limits) -> Torrent:

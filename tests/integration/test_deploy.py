@@ -1,0 +1,301 @@
+"""The Murder workflow end to end: real tracker, seeder and peers as subprocesses, loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import tarfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from murderd import torrent
+from murderd.localfleet import wait_for
+
+MiB = 1 << 20
+
+
+def random_file(path: Path, size: int) -> str:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256(path: Path) -> str:
+    return torrent.sha256_file(path)
+
+
+def index(fleet) -> list[dict]:
+    with urllib.request.urlopen(f"{fleet.seeder_url}/index.json", timeout=10) as resp:
+        return json.load(resp)["deploys"]
+
+
+def state_of(fleet, peer: int, name: str) -> dict | None:
+    states = [s for s in fleet.peer_states(peer) if s["name"] == name]
+    return states[-1] if states else None
+
+
+def test_six_peers_feed_each_other(fleet_factory, tmp_path):
+    """64 MiB to 6 peers with the seeder capped: identical copies; peers fed each other."""
+    size = 64 * MiB
+    fleet = fleet_factory(6, seeder={"upload_rate_limit": 12 * MiB}, follow=True).start()
+    want = random_file(tmp_path / "app-1.0.bin", size)
+    fleet.drop(tmp_path / "app-1.0.bin")
+    for peer in range(6):
+        dest = fleet.peer_destination(peer) / "app-1.0.bin"
+        wait_for(dest.exists, 120, what=f"peer{peer + 1} to place the file")
+    for peer in range(6):
+        assert sha256(fleet.peer_destination(peer) / "app-1.0.bin") == want
+        state = state_of(fleet, peer, "app-1.0.bin")
+        assert state["sha256"] == {"app-1.0.bin": want}
+    uploaded = index(fleet)[0]["uploaded"]
+    from_peers = sum(state_of(fleet, p, "app-1.0.bin")["bytes_from_peers"] for p in range(6))
+    # With its upload capped far below what the peers can take, the seeder alone would need
+    # to send 6 copies; the swarm must have moved most of it between the peers.
+    assert uploaded < 6 * size, f"seeder uploaded {uploaded / size:.2f} copies"
+    assert from_peers > size, f"peers fed each other only {from_peers} bytes"
+    # Every peer keeps seeding for linger_seconds, then stops the torrent and keeps the file.
+    wait_for(
+        lambda: all(state_of(fleet, p, "app-1.0.bin")["state"] == "done" for p in range(6)),
+        90,
+        what="peers to finish lingering",
+    )
+    assert all((fleet.peer_destination(p) / "app-1.0.bin").exists() for p in range(6))
+
+
+def test_url_drop_replace_and_delete(fleet_factory, tmp_path):
+    """.url drop; a replaced file is a new deploy; a deleted file is unpublished."""
+    fleet = fleet_factory(1).start()
+    first = random_file(tmp_path / "conf.bin", 3 * MiB)
+    fleet.drop(tmp_path / "conf.bin")
+    wait_for(lambda: index(fleet), 30, what="deploy in index.json")
+    url = index(fleet)[0]["url"]
+    (fleet.peer_drop(0) / "conf.url.part").write_text(url + "\n")
+    os.replace(fleet.peer_drop(0) / "conf.url.part", fleet.peer_drop(0) / "conf.url")
+    dest = fleet.peer_destination(0) / "conf.bin"
+    wait_for(lambda: dest.exists() and sha256(dest) == first, 60, what="first version placed")
+    old_hash = index(fleet)[0]["info_hash"]
+
+    second = random_file(tmp_path / "conf.bin", 3 * MiB)
+    fleet.drop(tmp_path / "conf.bin")
+    wait_for(
+        lambda: index(fleet) and index(fleet)[0]["info_hash"] != old_hash, 30, what="new deploy"
+    )
+    assert len(index(fleet)) == 1
+    fleet.distribute("conf.bin")
+    wait_for(lambda: sha256(dest) == second, 60, what="second version replaced the first")
+
+    (fleet.drop_dir / "conf.bin").unlink()
+    wait_for(lambda: index(fleet) == [], 30, what="deploy unpublished")
+    assert not (fleet.publish_dir / "conf.bin.torrent").exists()
+
+
+def test_follow_mode(fleet_factory, tmp_path):
+    fleet = fleet_factory(2, follow=True).start()
+    want = random_file(tmp_path / "svc-2.3.bin", 2 * MiB)
+    fleet.drop(tmp_path / "svc-2.3.bin")
+    for peer in range(2):
+        dest = fleet.peer_destination(peer) / "svc-2.3.bin"
+        wait_for(dest.exists, 60, what=f"peer{peer + 1} to follow the deploy")
+        assert sha256(dest) == want
+
+
+def _hostile_torrent(tmp_path: Path, name: bytes, files=None) -> bytes:
+    """A torrent whose info dict is rewritten after libtorrent made it (libtorrent refuses
+    to make hostile ones); bencoded by libtorrent."""
+    from murderd.lt import bdecode, bencode
+
+    (tmp_path / "x.bin").write_bytes(b"x" * 40000)
+    made = torrent.make_torrent(tmp_path / "x.bin", ["http://127.0.0.1:1/announce"])
+    top = bdecode(made.data)
+    top[b"info"][b"name"] = name
+    if files is not None:
+        del top[b"info"][b"length"]
+        del top[b"info"][b"sha256"]
+        top[b"info"][b"files"] = files
+    return bencode(top)
+
+
+def test_hostile_torrents_rejected_daemon_alive(fleet_factory, tmp_path):
+    fleet = fleet_factory(1, peer={"max_deploy_bytes": 100 * MiB}).start()
+    drop = fleet.peer_drop(0)
+    cases = {
+        "traversal.torrent": _hostile_torrent(tmp_path, b"..", None),
+        "nested.torrent": _hostile_torrent(
+            tmp_path, b"ok", [{b"length": 40000, b"path": [b"..", b"..", b"etc", b"passwd"]}]
+        ),
+        "absolute.torrent": _hostile_torrent(
+            tmp_path, b"ok", [{b"length": 40000, b"path": [b"/etc/passwd"]}]
+        ),
+        "control.torrent": _hostile_torrent(tmp_path, b"evil\x1b[2Jname", None),
+        "garbage.torrent": b"d4:infod4:name",
+        "oversized.torrent": _hostile_torrent(
+            tmp_path, b"big", [{b"length": 200 * MiB, b"path": [b"big.bin"]}]
+        ),
+    }
+    for name, data in cases.items():
+        (drop / name).write_bytes(data)
+    rejected = drop / "rejected"
+    for name in cases:
+        wait_for((rejected / f"{name}.reason").exists, 30, what=f"{name} to be rejected")
+        assert (rejected / name).exists()
+        assert (rejected / f"{name}.reason").read_text().strip()
+    assert "absolute" in (rejected / "absolute.torrent.reason").read_text() or "separator" in (
+        rejected / "absolute.torrent.reason"
+    ).read_text()
+    assert "cap" in (rejected / "oversized.torrent.reason").read_text()
+    assert not any(fleet.peer_destination(0).iterdir()), "nothing may be written"
+    assert not any((fleet.peer_dirs[0] / "staging").iterdir())
+    # ... and the daemon still serves a good deploy.
+    fleet.peers[0].wait_message("READY=1", 1)
+    want = random_file(tmp_path / "good.bin", MiB)
+    fleet.drop(tmp_path / "good.bin")
+    fleet.distribute("good.bin")
+    dest = fleet.peer_destination(0) / "good.bin"
+    wait_for(dest.exists, 60, what="a good deploy after hostile ones")
+    assert sha256(dest) == want
+
+
+def test_symlink_in_destination_refused(fleet_factory, tmp_path):
+    fleet = fleet_factory(1).start()
+    random_file(tmp_path / "link.bin", MiB)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere" / "target", fleet.peer_destination(0) / "link.bin")
+    fleet.drop(tmp_path / "link.bin")
+    fleet.distribute("link.bin")
+    reason = fleet.peer_drop(0) / "rejected" / "link.bin.torrent.reason"
+    wait_for(reason.exists, 30, what="rejection")
+    assert "symlink" in reason.read_text()
+    assert not (tmp_path / "elsewhere" / "target").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_not_enough_space_refused(fleet_factory, tmp_path):
+    fleet = fleet_factory(1)
+    small = fleet.peer_dirs[0]
+    (small / "vol").mkdir(parents=True)
+    os.system(f"mount -t tmpfs -o size=8m tmpfs {small / 'vol'}")
+    try:
+        config = fleet.peer_configs[0]
+        text = config.read_text()
+        text = text.replace(str(small / "staging"), str(small / "vol" / "staging"))
+        text = text.replace(str(small / "dest"), str(small / "vol" / "dest"))
+        config.write_text(text)
+        fleet.start()
+        random_file(tmp_path / "huge.bin", 16 * MiB)
+        fleet.drop(tmp_path / "huge.bin")
+        fleet.distribute("huge.bin")
+        reason = fleet.peer_drop(0) / "rejected" / "huge.bin.torrent.reason"
+        wait_for(reason.exists, 30, what="refusal for lack of space")
+        assert "not enough disk space" in reason.read_text()
+        assert not any((small / "vol" / "dest").iterdir())
+    finally:
+        fleet.close()
+        os.system(f"umount {small / 'vol'}")
+
+
+def _tarball(path: Path, members: dict, evil: str | None = None) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if evil:
+            info = tarfile.TarInfo(evil)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+
+
+def test_hook_and_extract(fleet_factory, tmp_path):
+    marker = tmp_path / "hook.out"
+    hook = f"sh -c 'echo {{name}} {{infohash}} > {marker}; ls {{path}}'"
+    fleet = fleet_factory(1, peer={"extract": True, "hook": hook}).start()
+    _tarball(tmp_path / "web-1.0.tar.gz", {"web/index.html": b"<h1>hi</h1>", "web/app.js": b"1"})
+    fleet.drop(tmp_path / "web-1.0.tar.gz")
+    fleet.distribute("web-1.0.tar.gz")
+    dest = fleet.peer_destination(0)
+    wait_for((dest / "web-1.0" / "web" / "index.html").exists, 60, what="extracted tarball")
+    assert (dest / "web-1.0.tar.gz").exists()
+    assert (dest / "web-1.0" / "web" / "index.html").read_bytes() == b"<h1>hi</h1>"
+    wait_for(marker.exists, 30, what="the hook to run")
+    info_hash = index(fleet)[0]["info_hash"]
+    assert marker.read_text().split() == ["web-1.0.tar.gz", info_hash]
+    state = wait_for(
+        lambda: (s := state_of(fleet, 0, "web-1.0.tar.gz")) and s["hook"] and s, 30, what="hook"
+    )
+    assert state["hook"]["exit"] == 0
+
+    # A tarball with a member that escapes: refused, nothing written outside, deploy failed.
+    _tarball(tmp_path / "bad-1.0.tar.gz", {"ok.txt": b"ok"}, evil="../../escaped.txt")
+    fleet.drop(tmp_path / "bad-1.0.tar.gz")
+    fleet.distribute("bad-1.0.tar.gz")
+    wait_for(
+        lambda: (s := state_of(fleet, 0, "bad-1.0.tar.gz")) and s["state"] == "failed",
+        60,
+        what="the escaping tarball to fail",
+    )
+    assert "escapes" in state_of(fleet, 0, "bad-1.0.tar.gz")["error"]
+    assert not (dest / "bad-1.0").exists()
+    assert not (dest.parent / "escaped.txt").exists()
+    assert not list(dest.parent.glob("**/escaped.txt"))
+
+
+def test_destination_never_partial_and_kill_resume(fleet_factory, tmp_path):
+    """Watch the destination during a download; SIGKILL the peer half way; it resumes."""
+    size = 48 * MiB
+    fleet = fleet_factory(
+        1,
+        peer={"download_rate_limit": 6 * MiB, "resume_save_interval": 1},
+    ).start()
+    want = random_file(tmp_path / "big.bin", size)
+    fleet.drop(tmp_path / "big.bin")
+    fleet.distribute("big.bin")
+    dest_dir = fleet.peer_destination(0)
+    seen_partial = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            for entry in dest_dir.iterdir():
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    got = entry.stat().st_size
+                except FileNotFoundError:
+                    continue
+                if got != size:
+                    seen_partial.append((entry.name, got))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        wait_for(
+            lambda: (s := state_of(fleet, 0, "big.bin")) and s["progress"] >= 0.5,
+            60,
+            what="half the download",
+        )
+        # Let a resume-data save land after the half-way mark, then kill without warning.
+        resume = next((fleet.peer_dirs[0] / "state").glob("*.resume"))
+        mtime = resume.stat().st_mtime
+        wait_for(lambda: resume.stat().st_mtime > mtime, 10, what="a resume-data save")
+        fleet.peers[0].proc.send_signal(signal.SIGKILL)
+        fleet.peers[0].proc.wait(10)
+        assert not (dest_dir / "big.bin").exists()
+        fleet.peers[0].start()
+        dest = dest_dir / "big.bin"
+        wait_for(dest.exists, 60, what="the resumed download to complete")
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert sha256(dest) == want
+    assert seen_partial == []
+    state = state_of(fleet, 0, "big.bin")
+    fetched_after_restart = state["bytes_from_seeder"] + state["bytes_from_peers"]
+    assert fetched_after_restart < 0.7 * size, f"re-downloaded {fetched_after_restart} bytes"
