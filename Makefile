@@ -7,7 +7,7 @@ DESTDIR ?=
 SYSCONFDIR ?= /etc
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' murderd/__init__.py)
 # Debian packages the tests and the demo use (real clients and tools, not mocks).
-APT_PACKAGES := aria2 opentracker transmission-cli logrotate iproute2
+APT_PACKAGES := aria2 opentracker transmission-cli logrotate iproute2 rpm rpm2cpio cpio rpmlint createrepo-c dnf debootstrap systemd-container systemd util-linux procps python3-pip python3-setuptools python3-wheel
 
 .PHONY: all venv system-deps test test-fast lint demo bench install dist clean
 
