@@ -14,7 +14,8 @@ APT_PACKAGES := aria2 opentracker transmission-cli logrotate iproute2 rpm rpm2cp
 all: venv
 
 $(VENV)/.stamp: setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
