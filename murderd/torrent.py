@@ -382,7 +382,11 @@ def parse(data: bytes, max_bytes: int = 16 * 1024 * 1024, max_total: int | None 
         raw_pieces = info.get(b"pieces")
         if not isinstance(raw_pieces, bytes) or len(raw_pieces) % 20:
             raise TorrentError("'pieces' is not a multiple of 20 bytes")
-    ti = torrent_info(data, max_pieces=max(pieces + 1, 1))
+    try:
+        # v2 aligns every file to a piece boundary: up to one more piece per file.
+        ti = torrent_info(data, max_pieces=pieces + len(files) + 1)
+    except ValueError as exc:
+        raise TorrentError(str(exc)) from None
     if ti.total_size() < total:
         raise TorrentError("libtorrent sees a different size than the info dictionary")
     trackers = _trackers(top)
