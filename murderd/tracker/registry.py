@@ -313,6 +313,7 @@ class Registry:
             )
         deploy = self.deploys[info_hash] = Deploy(info_hash, known)
         deploy.last_seen = now
+        log.debug("deploy %s (%s): first announce", deploy.name, info_hash.hex())
         return deploy
 
     def announce(
@@ -335,6 +336,7 @@ class Registry:
                 if peer.left != 0 and left == 0:
                     deploy.completed += 1  # finished, then stopped without a "completed"
                 deploy.remove(peer)
+                log.debug("deploy %s: peer %s port %d stopped", deploy.name, peer.ip, peer.port)
             return None
         if peer is None:
             compact, v6, subnet = _address(ip, port, self.subnet_prefix_v4, self.subnet_prefix_v6)
@@ -349,6 +351,13 @@ class Registry:
             deploy._add_to_pools(peer)
             if event == EVENT_COMPLETED:
                 deploy.completed += 1
+            log.debug(
+                "deploy %s: peer %s port %d joined (%s)",
+                deploy.name,
+                ip,
+                port,
+                "seeding" if left == 0 else "downloading",
+            )
         else:
             peers.move_to_end(peer_id)
             if peer.ip != ip or peer.port != port or (peer.left == 0) != (left == 0):
