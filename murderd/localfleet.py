@@ -85,12 +85,16 @@ class Daemon:
         self.stderr_path = self.workdir / f"{name}.stderr"
         self.messages: list[str] = []
         self.sock: socket.socket | None = None
+        self._log_path: Path | None = None
 
     @property
     def log_path(self) -> Path:
-        from . import config
+        # Read once: a test may break the config on purpose later.
+        if self._log_path is None:
+            from . import config
 
-        return Path(config.load(self.config)["log"]["dir"]) / f"{self.name}.log"
+            self._log_path = Path(config.load(self.config)["log"]["dir"]) / f"{self.name}.log"
+        return self._log_path
 
     def log_text(self) -> str:
         try:
@@ -99,6 +103,7 @@ class Daemon:
             return ""
 
     def start(self, wait: bool = True, timeout: float = 30.0) -> Daemon:
+        self.log_path  # noqa: B018  (resolve it while the config is still valid)
         if self.sock is None:
             self.notify_path.unlink(missing_ok=True)
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
