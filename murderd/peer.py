@@ -561,10 +561,10 @@ class PeerService(runtime.Service):
             await asyncio.sleep(self.cfg["peer"]["resume_save_interval"])
             for deploy in self.deploys.values():
                 handle = deploy.handle
-                if deploy.state == "downloading" and handle is not None and handle.is_valid():
-                    if handle.need_save_resume_data():
-                        self.pending_resume += 1
-                        handle.save_resume_data(lt.save_resume_flags_t.flush_disk_cache)
+                active = deploy.state == "downloading" and handle is not None
+                if active and handle.is_valid() and handle.need_save_resume_data():
+                    self.pending_resume += 1
+                    handle.save_resume_data(lt.save_resume_flags_t.flush_disk_cache)
 
     def _resume_saved(self, alert) -> None:
         deploy = self._by_handle(alert.handle)

@@ -183,9 +183,7 @@ class Runner:
                     new[section][key],
                 )
         # Keys that need a restart keep their running values.
-        effective = config.Config(
-            {s: dict(v) for s, v in self.cfg.items()}, new.files, new.origin
-        )
+        effective = config.Config({s: dict(v) for s, v in self.cfg.items()}, new.files, new.origin)
         for section, key in live:
             effective[section][key] = new[section][key]
         if any(section == "log" for section, _ in live):

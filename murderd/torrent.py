@@ -125,7 +125,8 @@ def _hash_v1(ct, files: list[SourceFile], piece_size: int, progress) -> dict:
             relpath = storage.file_path(index).replace(os.sep, "/")
             source = by_path.get(relpath)
             file_hash = hashlib.sha256()
-            handle = open(source.abspath, "rb") if source else None  # None: a pad file
+            # None: a pad file (zeros).  Closed in the finally below.
+            handle = open(source.abspath, "rb") if source else None  # noqa: SIM115
             try:
                 remaining = size
                 while remaining:
@@ -367,8 +368,7 @@ def parse(data: bytes, max_bytes: int = 16 * 1024 * 1024, max_total: int | None 
         if not has_v1:
             multi = len(v2files) != 1 or v2files[0].path != name
             files = [
-                TorrentFile(f"{name}/{f.path}" if multi else f.path, f.size, None)
-                for f in v2files
+                TorrentFile(f"{name}/{f.path}" if multi else f.path, f.size, None) for f in v2files
             ]
         if not v2files:
             raise TorrentError("empty file tree")

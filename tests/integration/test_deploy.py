@@ -146,9 +146,10 @@ def test_hostile_torrents_rejected_daemon_alive(fleet_factory, tmp_path):
         wait_for((rejected / f"{name}.reason").exists, 30, what=f"{name} to be rejected")
         assert (rejected / name).exists()
         assert (rejected / f"{name}.reason").read_text().strip()
-    assert "absolute" in (rejected / "absolute.torrent.reason").read_text() or "separator" in (
-        rejected / "absolute.torrent.reason"
-    ).read_text()
+    assert (
+        "absolute" in (rejected / "absolute.torrent.reason").read_text()
+        or "separator" in (rejected / "absolute.torrent.reason").read_text()
+    )
     assert "cap" in (rejected / "oversized.torrent.reason").read_text()
     assert not any(fleet.peer_destination(0).iterdir()), "nothing may be written"
     assert not any((fleet.peer_dirs[0] / "staging").iterdir())

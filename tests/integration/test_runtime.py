@@ -46,7 +46,7 @@ def test_sighup_applies_live_keys_and_names_restart_keys(tmp_path, daemons):
     config = tracker_config(tmp_path, interval=15)
     tracker = daemons("tracker", config, tmp_path)
     text = config.read_text().replace("interval = 15", "interval = 42")
-    text = text.replace("[tracker]", f"[tracker]\nsubnet_prefix_v4 = 16\nnumwant_max = 7")
+    text = text.replace("[tracker]", "[tracker]\nsubnet_prefix_v4 = 16\nnumwant_max = 7")
     old_listen = [line for line in text.splitlines() if line.startswith("listen")][0]
     text = text.replace(old_listen, f"listen = 127.0.0.1:{free_port()}")
     config.write_text(text)

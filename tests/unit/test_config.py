@@ -113,7 +113,9 @@ def test_missing_explicit_file(tmp_path):
 
 @pytest.mark.parametrize("daemon", ["tracker", "seeder", "peer"])
 def test_daemons_exit_78_naming_the_key(tmp_path, daemon):
-    path = write(tmp_path / "murderd.conf", "[daemon]\nallow_root = yes\n[peer]\nkeep_deploys = x\n")
+    path = write(
+        tmp_path / "murderd.conf", "[daemon]\nallow_root = yes\n[peer]\nkeep_deploys = x\n"
+    )
     proc = subprocess.run(
         [str(BIN / f"murder-{daemon}"), "--config", str(path)],
         capture_output=True,
