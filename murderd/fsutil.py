@@ -98,3 +98,19 @@ def ensure_dir(path: str | os.PathLike, mode: int = 0o755) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=mode)
     return path
+
+
+def can_hardlink(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> bool:
+    """Whether a file in src_dir can be hard-linked into dst_dir (same mount)."""
+    fd, probe = tempfile.mkstemp(dir=src_dir, prefix=".murderd-probe-")
+    os.close(fd)
+    target = Path(dst_dir) / Path(probe).name
+    try:
+        os.link(probe, target)
+    except OSError:
+        return False
+    else:
+        os.unlink(target)
+        return True
+    finally:
+        os.unlink(probe)

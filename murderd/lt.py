@@ -205,8 +205,15 @@ class AlertPump:
                 log.exception("error handling %s", type(alert).__name__)
 
     def close(self) -> None:
+        """Stop delivering alerts and let the session go; call after dropping your own
+        reference to the session.
+
+        No Python callback is ever handed to libtorrent (a libtorrent thread calling into a
+        finalizing interpreter aborts the process): the session is destroyed here, which
+        joins its threads, and only then is the socket it writes to closed.
+        """
         self._loop.remove_reader(self._rx.fileno())
-        self.session.set_alert_notify(lambda: None)
+        self.session = None  # the last reference: libtorrent shuts down and joins its threads
         self._rx.close()
         self._tx.close()
 
@@ -217,6 +224,19 @@ def info_hash_hex(handle_or_info) -> str:
     if hashes.has_v1():
         return str(hashes.v1)
     return str(hashes.v2)[:40]
+
+
+def post_session_stats(session: _lt.session) -> None:
+    """Ask for the session counters; they come back as a session_stats_alert."""
+    session.post_session_stats()
+
+
+def session_stats_values(alert) -> dict | None:
+    """{counter name: value} (e.g. net.sent_payload_bytes) from a session_stats_alert, or
+    None for any other alert."""
+    if not isinstance(alert, _lt.session_stats_alert):
+        return None
+    return dict(alert.values)
 
 
 def check_pieces(ti: _lt.torrent_info, save_path: str, timeout: float = 3600.0) -> list[int]:

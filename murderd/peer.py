@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from . import fsutil, httpserver, publish, runtime, torrent
+from . import fsutil, httpserver, metrics, publish, runtime, torrent
 from .lt import AlertPump, apply_rate_limits, lan_settings, lt, make_session
 from .watch import DropWatcher
 
@@ -143,6 +143,7 @@ class PeerService(runtime.Service):
         self.follow_seen: set[str] = set()
         self.hash_failures_total = 0
         self.flush_waiters: dict[str, asyncio.Future] = {}
+        self.metrics = metrics.DaemonMetrics("peer", lambda: self.session)
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -163,6 +164,13 @@ class PeerService(runtime.Service):
             raise runtime.StartupError(
                 f"staging_dir {self.staging_dir} and destination_dir {self.destination_dir} "
                 "are on different filesystems: placing a deploy could not be atomic"
+            )
+        if not fsutil.can_hardlink(self.staging_dir, self.destination_dir):
+            log.warning(
+                "cannot hard-link from %s to %s (separate mounts, e.g. systemd ReadWritePaths): "
+                "placing a deploy will copy it",
+                self.staging_dir,
+                self.destination_dir,
             )
         listen = c["listen_interfaces"] or f"0.0.0.0:{c['listen_port']}"
         self.session = make_session(
@@ -208,6 +216,7 @@ class PeerService(runtime.Service):
             await self.http.cleanup()
         if self.client:
             await self.client.close()
+        self.session = None  # the pump holds the last reference and shuts libtorrent down
         if self.pump:
             self.pump.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -255,6 +264,10 @@ class PeerService(runtime.Service):
     def _set_state(self, deploy: PeerDeploy, state: str, error: str = "") -> None:
         if deploy.state != state:
             log.info("deploy %s (%s): %s -> %s", deploy.name, deploy.info_hash, deploy.state, state)
+            if state == "seeding" and deploy.state == "placing":
+                self.metrics.deploy_completed((deploy.finished or time.time()) - deploy.created)
+            elif state == "failed":
+                self.metrics.deploy_failed()
         deploy.state = state
         deploy.error = error
         self._write_state(deploy)
@@ -473,6 +486,8 @@ class PeerService(runtime.Service):
         return deploy
 
     def _alert(self, alert) -> None:
+        if self.metrics.on_alert(alert):
+            return
         if isinstance(alert, lt.save_resume_data_alert):
             self._resume_saved(alert)
             return
@@ -788,6 +803,7 @@ class PeerService(runtime.Service):
         app = web.Application()
         app.router.add_get("/healthz", lambda request: web.Response(text="ok\n"))
         app.router.add_get("/deploys", self._deploys)
+        app.router.add_get("/metrics", self.metrics.handle)
         return app
 
     async def _deploys(self, request: web.Request) -> web.Response:

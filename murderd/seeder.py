@@ -21,7 +21,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from . import fsutil, httpserver, runtime, torrent
+from . import fsutil, httpserver, metrics, runtime, torrent
 from .lt import AlertPump, apply_rate_limits, lan_settings, lt, make_session
 from .watch import DropWatcher
 
@@ -83,6 +83,7 @@ class SeederService(runtime.Service):
         self.token = ""
         self.tasks: set[asyncio.Task] = set()
         self.published_total = 0
+        self.metrics = metrics.DaemonMetrics("seeder", lambda: self.session)
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -135,6 +136,7 @@ class SeederService(runtime.Service):
             await self.http.cleanup()
         if self.client:
             await self.client.close()
+        self.session = None  # the pump holds the last reference and shuts libtorrent down
         if self.pump:
             self.pump.close()
         if self.session:
@@ -256,6 +258,7 @@ class SeederService(runtime.Service):
                 self.rehash_wanted.add(name)
         except (torrent.TorrentError, OSError) as exc:
             log.error("deploy %s: cannot make a torrent: %s", name, exc)
+            self.metrics.deploy_failed()
             made = None
         finally:
             self.hashing.pop(name, None)
@@ -295,6 +298,7 @@ class SeederService(runtime.Service):
         self._save_state()
         self._seed(deploy, torrent.parse(made.data))
         self.published_total += 1
+        self.metrics.deploy_completed(time.monotonic() - started)
         log.info("deploy %s published at %s", name, self.torrent_url(name))
         self._spawn(self._register(deploy, made.data))
 
@@ -406,6 +410,8 @@ class SeederService(runtime.Service):
     # --- libtorrent alerts ------------------------------------------------------------
 
     def _alert(self, alert) -> None:
+        if self.metrics.on_alert(alert):
+            return
         if isinstance(alert, (lt.tracker_error_alert, lt.torrent_error_alert, lt.file_error_alert)):
             log.warning("libtorrent: %s", alert.message())
         elif isinstance(alert, lt.listen_failed_alert):
@@ -420,6 +426,7 @@ class SeederService(runtime.Service):
         app.router.add_get("/index.json", self._index)
         app.router.add_get("/torrents/{file}", self._torrent_file)
         app.router.add_get("/healthz", lambda request: web.Response(text="ok\n"))
+        app.router.add_get("/metrics", self.metrics.handle)
         return app
 
     def index(self) -> list[dict]:
