@@ -74,11 +74,20 @@ def write_config(directory: Path, sections: dict | None = None, name: str = "mur
 class Daemon:
     """One murderd daemon as a subprocess, with its own sd_notify socket."""
 
-    def __init__(self, name: str, config: Path, workdir: Path, env: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        config: Path,
+        workdir: Path,
+        env: dict | None = None,
+        prefix: list[str] | None = None,
+    ):
         self.name = name  # tracker, seeder or peer
         self.config = config
         self.workdir = Path(workdir)
         self.extra_env = env or {}
+        # Argv put before the daemon's, e.g. ["ip", "netns", "exec", NS] (the benchmarks).
+        self.prefix = list(prefix or [])
         self.proc: subprocess.Popen | None = None
         # AF_UNIX paths are short (108 bytes): keep the socket in /tmp, not in workdir.
         self.notify_path = Path(tempfile.gettempdir()) / f"mdn-{os.getpid()}-{next(_serial)}.sock"
@@ -114,7 +123,7 @@ class Daemon:
         self.messages.clear()
         with open(self.stderr_path, "ab") as stderr:
             self.proc = subprocess.Popen(
-                [str(BIN / f"murder-{self.name}"), "--config", str(self.config)],
+                [*self.prefix, str(BIN / f"murder-{self.name}"), "--config", str(self.config)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
