@@ -9,7 +9,7 @@ VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' murderd/__init__.py)
 # Debian packages the tests and the demo use (real clients and tools, not mocks).
 APT_PACKAGES := aria2 opentracker transmission-cli logrotate iproute2 rpm rpm2cpio cpio rpmlint createrepo-c dnf debootstrap systemd-container systemd util-linux procps python3-pip python3-setuptools python3-wheel
 
-.PHONY: all venv system-deps test test-fast lint demo bench install dist clean
+.PHONY: all venv system-deps test test-lt20 test-fast lint demo bench install dist clean
 
 all: venv
 
@@ -33,6 +33,20 @@ system-deps:
 
 test: venv system-deps
 	$(PY) -m pytest -q tests
+	$(MAKE) test-lt20
+
+# EL9 (EPEL) and Debian ship libtorrent 2.0.x: run the unit tests and the end-to-end deploy
+# tests once more on the 2.0 bindings, in a venv of their own.
+LT20_VENV ?= .venv-lt20
+$(LT20_VENV)/.stamp: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(LT20_VENV)
+	$(LT20_VENV)/bin/python -m pip install -q 'libtorrent>=2.0,<2.1'
+	$(LT20_VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
+test-lt20: $(LT20_VENV)/.stamp system-deps
+	$(LT20_VENV)/bin/python -c 'import libtorrent; assert libtorrent.__version__.startswith("2.0"), libtorrent.__version__'
+	$(LT20_VENV)/bin/python -m pytest -q tests/unit tests/integration/test_deploy.py tests/integration/test_runtime.py
 
 test-fast: venv
 	$(PY) -m pytest -q tests/unit
