@@ -300,3 +300,103 @@ def test_destination_never_partial_and_kill_resume(fleet_factory, tmp_path):
     state = state_of(fleet, 0, "big.bin")
     fetched_after_restart = state["bytes_from_seeder"] + state["bytes_from_peers"]
     assert fetched_after_restart < 0.7 * size, f"re-downloaded {fetched_after_restart} bytes"
+
+
+def test_directory_moved_in_is_one_multi_file_deploy(fleet_factory, tmp_path):
+    fleet = fleet_factory(1, follow=True).start()
+    build = tmp_path / "site-4.1"
+    (build / "static").mkdir(parents=True)
+    sums = {}
+    for rel, size in (("index.html", 1000), ("static/app.js", 300_000), ("static/x.css", 7)):
+        sums[rel] = random_file(build / rel, size)
+    os.rename(build, fleet.drop_dir / "site-4.1")  # a directory counts once moved in
+    dest = fleet.peer_destination(0) / "site-4.1"
+    wait_for(dest.is_dir, 60, what="the directory deploy to be placed")
+    assert {p.relative_to(dest).as_posix(): sha256(p) for p in dest.rglob("*") if p.is_file()} == (
+        sums
+    )
+    (deploy,) = index(fleet)
+    assert deploy["name"] == "site-4.1" and deploy["size"] == 301_007
+
+
+def test_seeder_restart_seeds_again_without_rehashing(fleet_factory, tmp_path):
+    fleet = fleet_factory(1).start()
+    random_file(tmp_path / "keep.bin", 2 * MiB)
+    fleet.drop(tmp_path / "keep.bin")
+    wait_for(lambda: index(fleet), 30, what="the deploy to be published")
+    before = index(fleet)[0]
+    assert fleet.seeder.stop() == 0
+    fleet.seeder.start()
+    assert index(fleet)[0]["info_hash"] == before["info_hash"]
+    log = fleet.seeder.log_text()
+    assert log.count("deploy keep.bin: hashing") == 1, "an unchanged file must not be rehashed"
+    assert "restored without rehashing" in log
+    # ...and it really seeds: a peer gets the file from the restarted seeder.
+    fleet.distribute("keep.bin")
+    wait_for((fleet.peer_destination(0) / "keep.bin").exists, 60, what="download after restart")
+
+
+def test_retention_keeps_the_last_deploys_of_a_family(fleet_factory, tmp_path):
+    fleet = fleet_factory(1, follow=True, peer={"keep_deploys": 2, "linger_seconds": 0}).start()
+    dest = fleet.peer_destination(0)
+    stranger = dest / "app-0.9.bin"  # not placed by murderd: never removed
+    stranger.write_bytes(b"mine")
+    for version in ("1.0", "1.1", "1.2"):
+        random_file(tmp_path / f"app-{version}.bin", 100_000)
+        fleet.drop(tmp_path / f"app-{version}.bin")
+        wait_for((dest / f"app-{version}.bin").exists, 60, what=f"app-{version} placed")
+    wait_for(lambda: not (dest / "app-1.0.bin").exists(), 30, what="the oldest to be removed")
+    assert (dest / "app-1.1.bin").exists() and (dest / "app-1.2.bin").exists()
+    assert stranger.read_bytes() == b"mine"
+
+
+def test_status_line_counts_deploys(fleet_factory, tmp_path):
+    fleet = fleet_factory(1, follow=True).start()
+    random_file(tmp_path / "s.bin", MiB)
+    fleet.drop(tmp_path / "s.bin")
+    wait_for((fleet.peer_destination(0) / "s.bin").exists, 60, what="the deploy")
+    wait_for(
+        lambda: "STATUS=0 downloading, 1 done, 0 failed" in fleet.peers[0].poll_messages(),
+        10,
+        what="the STATUS line",
+    )
+
+
+def test_works_with_a_standard_tracker(fleet_factory, tmp_path):
+    """opentracker (Debian's, whitelist-only) instead of murder-tracker: no registration."""
+    import shutil
+    import subprocess
+
+    from murderd.localfleet import free_port
+
+    if not shutil.which("opentracker"):
+        if os.environ.get("CI"):
+            pytest.fail("opentracker is not installed")
+        pytest.skip("opentracker is not installed (apt-get install opentracker)")
+    port = free_port()
+    announce = f"http://127.0.0.1:{port}/announce"
+    fleet = fleet_factory(2, follow=True, seeder={"trackers": [announce], "token_file": '""'})
+    random_file(tmp_path / "std.bin", 4 * MiB)
+    # Info-hashes are deterministic: the operator whitelists the hash before publishing.
+    made = torrent.make_torrent(tmp_path / "std.bin", [announce])
+    otdir = tmp_path / "ot"
+    otdir.mkdir()
+    (otdir / "whitelist").write_text(made.info_hash + "\n")
+    os.chmod(otdir, 0o755)
+    ot = subprocess.Popen(
+        ["opentracker", "-i", "127.0.0.1", "-p", str(port), "-P", str(port)]
+        + ["-d", str(otdir), "-w", "whitelist", "-u", "nobody"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        fleet.start()
+        fleet.drop(tmp_path / "std.bin")
+        for peer in range(2):
+            dest = fleet.peer_destination(peer) / "std.bin"
+            wait_for(dest.exists, 90, what=f"peer{peer + 1} via opentracker")
+            assert sha256(dest) == made.sha256["std.bin"]
+        assert index(fleet)[0]["info_hash"] == made.info_hash
+    finally:
+        ot.terminate()
+        ot.wait(10)
