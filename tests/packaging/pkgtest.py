@@ -11,11 +11,12 @@ import os
 import shutil
 import subprocess
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from murderd import localfleet
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = ("murder-tracker.service", "murder-seeder.service", "murder-peer.service")
@@ -65,15 +66,8 @@ def run(cmd, check: bool = True, timeout: float = 300, **kwargs) -> subprocess.C
 
 
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.2, what: str = "condition"):
-    """Poll condition() until it returns something truthy; fail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """localfleet.wait_for, polling less often: each poll here may run a command."""
+    return localfleet.wait_for(condition, timeout, interval, what)
 
 
 def rpm_dist() -> str:
