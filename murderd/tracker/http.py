@@ -503,6 +503,7 @@ class TrackerHTTP:
     @staticmethod
     def _deploy_stats(deploy: reg.Deploy, now: float, wall: float) -> dict:
         size = deploy.size
+        known = deploy.known
         peers = []
         for peer in reversed(deploy.peers.values()):  # most recently seen first
             if size:
@@ -529,6 +530,11 @@ class TrackerHTTP:
             "seeders": deploy.seeders,
             "leechers": deploy.leechers,
             "completed": deploy.completed,
+            # Unix time the tracker first knew the deploy (a registration restored from
+            # state keeps its own time); None for an unknown deploy (allowlist off).
+            "added": round(min(known.added_at, known.registered_at or known.added_at), 3)
+            if known
+            else None,
             "peers": peers,
         }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import time
 from collections import OrderedDict
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ _LEECHERS = 1
 class Known:
     """A deploy the tracker knows (a .torrent in torrents_dir and/or a registration)."""
 
-    __slots__ = ("info_hash", "name", "size", "sources", "registered_at")
+    __slots__ = ("info_hash", "name", "size", "sources", "registered_at", "added_at")
 
     def __init__(self, info_hash: bytes, name: str, size: int):
         self.info_hash = info_hash
@@ -42,6 +43,7 @@ class Known:
         self.size = size
         self.sources: set = set()  # file paths, and REGISTERED for a POST /register
         self.registered_at = 0.0  # unix time of the registration, when registered
+        self.added_at = time.time()  # unix time the tracker learned of it (for /stats' age)
 
 
 REGISTERED = "registered"
