@@ -318,10 +318,17 @@ class PeerService(runtime.Service):
                 raise ValueError(f"{url} answered HTTP {resp.status}")
             if resp.content_length and resp.content_length > cap:
                 raise ValueError(f"{url} is {resp.content_length} bytes, over the cap of {cap}")
-            data = await resp.content.read(cap + 1)
+            # content.read(n) returns what has arrived so far (up to n), not the whole body:
+            # on a real network a .torrent comes in several segments.
+            data = bytearray()
+            while len(data) <= cap:
+                chunk = await resp.content.read(cap + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
             if len(data) > cap:
                 raise ValueError(f"{url} is over the cap of {cap} bytes")
-            return data
+            return bytes(data)
 
     async def _fetch_url_file(self, path: Path) -> None:
         try:
