@@ -120,6 +120,7 @@ class Daemon:
             self.sock.setblocking(False)
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
         env.update(self.extra_env)
+        self.poll_messages()  # a restart: what the previous process sent is not news
         self.messages.clear()
         with open(self.stderr_path, "ab") as stderr:
             self.proc = subprocess.Popen(

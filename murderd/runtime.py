@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 STATUS_REFRESH_SECONDS = 2.0
+NOTIFY_TIMEOUT = 1.0
 
 
 class StartupError(Exception):
@@ -64,14 +65,27 @@ class Notifier:
         self._sd = sdnotify.SystemdNotifier()
         self._last_status = None
 
-    def send(self, *lines: str) -> None:
-        if os.environ.get("NOTIFY_SOCKET"):
-            self._sd.notify("\n".join(lines))
+    def send(self, *lines: str, wait: bool = True) -> bool:
+        """Send lines to systemd; False when they could not be sent.
+
+        The socket holds only a few datagrams (net.unix.max_dgram_qlen) until systemd reads
+        them, and a blocking send would stall the event loop, SIGTERM included, for as long
+        as systemd does not read: a state change (READY, STOPPING ...) waits at most
+        NOTIFY_TIMEOUT, a STATUS or WATCHDOG line (wait=False) is dropped at once.
+        """
+        sock = self._sd.socket
+        if not os.environ.get("NOTIFY_SOCKET") or sock is None:
+            return False
+        try:
+            sock.settimeout(NOTIFY_TIMEOUT if wait else 0)
+            sock.sendall("\n".join(lines).encode())
+        except OSError:
+            return False
+        return True
 
     def status(self, text: str) -> None:
-        if text != self._last_status:
+        if text != self._last_status and self.send(f"STATUS={text}", wait=False):
             self._last_status = text
-            self.send(f"STATUS={text}")
 
     @staticmethod
     def watchdog_interval() -> float | None:
@@ -208,7 +222,7 @@ class Runner:
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
-            self.notifier.send("WATCHDOG=1")
+            self.notifier.send("WATCHDOG=1", wait=False)
             await asyncio.sleep(interval)
 
     async def run(self) -> int:
