@@ -253,6 +253,8 @@ class Torrent:
     multi_file: bool
     has_v2: bool
     info: object = None  # libtorrent torrent_info
+    # A hybrid torrent is announced under its v1 hash and its truncated v2 hash too.
+    v2_alias: str | None = None
 
     @property
     def has_sha256(self) -> bool:
@@ -395,6 +397,7 @@ def parse(data: bytes, max_bytes: int = 16 * 1024 * 1024, max_total: int | None 
         data=bytes(data),
         name=name,
         info_hash=info_hash_hex(ti),
+        v2_alias=str(ti.info_hashes().v2)[:40] if has_v1 and has_v2 else None,
         total_size=total,
         piece_size=piece_size,
         num_pieces=ti.num_pieces(),

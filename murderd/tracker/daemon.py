@@ -301,7 +301,7 @@ class TrackerService(runtime.Service):
         if parsed is None:
             return
         self._files[path] = new
-        self.registry.add_known(new, parsed.name, parsed.total_size, path)
+        self.registry.add_known(new, parsed.name, parsed.total_size, path, _alias(parsed))
         if old != new:
             log.info(
                 "torrents_dir: deploy %s (%s, %d bytes) from %s",
@@ -317,7 +317,9 @@ class TrackerService(runtime.Service):
         info_hash = bytes.fromhex(parsed.info_hash)
         known = self.registry.known.get(info_hash)
         if known is not None and reg.REGISTERED in known.sources:
-            self.registry.add_known(info_hash, parsed.name, parsed.total_size, reg.REGISTERED)
+            self.registry.add_known(
+                info_hash, parsed.name, parsed.total_size, reg.REGISTERED, _alias(parsed)
+            )
             log.info("registration of deploy %s (%s) renewed", parsed.name, parsed.info_hash)
             return known
         evict = self.registry.registration_to_evict()
@@ -329,7 +331,9 @@ class TrackerService(runtime.Service):
                 evict.info_hash.hex(),
             )
             self.registry.remove_known(evict.info_hash, reg.REGISTERED)
-        known = self.registry.add_known(info_hash, parsed.name, parsed.total_size, reg.REGISTERED)
+        known = self.registry.add_known(
+            info_hash, parsed.name, parsed.total_size, reg.REGISTERED, _alias(parsed)
+        )
         known.registered_at = time.time()
         try:
             self._save_state()
@@ -364,6 +368,9 @@ class TrackerService(runtime.Service):
                 "name": k.name,
                 "size": k.size,
                 "registered": k.registered_at,
+                "alias": next(
+                    (a.hex() for a, h in self.registry.aliases.items() if h == k.info_hash), None
+                ),
             }
             for k in self.registry.registered()
         ]
@@ -383,7 +390,10 @@ class TrackerService(runtime.Service):
                 info_hash = bytes.fromhex(item["info_hash"])
                 if len(info_hash) != 20 or not isinstance(item["name"], str):
                     raise ValueError(f"bad entry {item!r}")
-                loaded.append((info_hash, item["name"], int(item["size"]), item.get("registered")))
+                alias = bytes.fromhex(item["alias"]) if item.get("alias") else None
+                loaded.append(
+                    (info_hash, item["name"], int(item["size"]), item.get("registered"), alias)
+                )
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -403,10 +413,14 @@ class TrackerService(runtime.Service):
                     f"{self.state_path} is corrupt and cannot be moved aside: {move_exc.strerror}"
                 ) from None
             return
-        for info_hash, name, size, registered_at in loaded:
-            known = self.registry.add_known(info_hash, name, size, reg.REGISTERED)
+        for info_hash, name, size, registered_at, alias in loaded:
+            known = self.registry.add_known(info_hash, name, size, reg.REGISTERED, alias)
             known.registered_at = float(registered_at or 0)
         log.info("loaded %d registrations from %s", len(loaded), self.state_path)
+
+
+def _alias(parsed: torrent.Torrent) -> bytes | None:
+    return bytes.fromhex(parsed.v2_alias) if parsed.v2_alias else None
 
 
 def main() -> None:

@@ -277,7 +277,7 @@ class TrackerHTTP:
 
     def _announce(self, request: web.Request) -> bytes:
         query = parse_query(request.rel_url.raw_query_string, MAX_ANNOUNCE_FIELDS)
-        info_hash = _binary20(query, "info_hash")
+        info_hash = self.registry.canonical(_binary20(query, "info_hash"))
         peer_id = _binary20(query, "peer_id")
         port = _number(query, "port")
         if not 0 < port < 65536:
@@ -373,20 +373,20 @@ class TrackerHTTP:
         if hashes:
             deploys = []
             for info_hash in hashes:
-                deploy = registry.find(info_hash)
+                deploy = registry.find(registry.canonical(info_hash))
                 if deploy is not None:
-                    deploys.append(deploy)
+                    deploys.append((info_hash, deploy))
             if not deploys:
                 self._scrape_unknown.inc()
                 unknown = ", ".join(h.hex() for h in hashes[:3])
                 return bencode({b"failure reason": f"unknown deploy {unknown}".encode()})
         else:
             registry.expire(now)
-            deploys = registry.all_deploys()
+            deploys = [(deploy.info_hash, deploy) for deploy in registry.all_deploys()]
         files = {}
-        for deploy in deploys:
+        for asked, deploy in deploys:
             registry.expire_deploy(deploy, now)
-            files[deploy.info_hash] = {
+            files[asked] = {
                 b"complete": deploy.seeders,
                 b"incomplete": deploy.leechers,
                 b"downloaded": deploy.completed,

@@ -224,6 +224,8 @@ class Registry:
         self.subnet_prefix_v4 = subnet_prefix_v4
         self.subnet_prefix_v6 = subnet_prefix_v6
         self.known: dict[bytes, Known] = {}
+        # Truncated v2 hash -> v1 hash of hybrid deploys: both announces join one swarm.
+        self.aliases: dict[bytes, bytes] = {}
         self.deploys: OrderedDict[bytes, Deploy] = OrderedDict()  # least recently seen first
         self.evicted_peers = 0
         self.evicted_deploys = 0
@@ -242,7 +244,15 @@ class Registry:
 
     # -- the catalogue of known deploys -------------------------------------------------------
 
-    def add_known(self, info_hash: bytes, name: str, size: int, source: str) -> Known:
+    def canonical(self, info_hash: bytes) -> bytes:
+        """The hash a swarm is kept under (a hybrid deploy's v2 announces join its v1 swarm)."""
+        return self.aliases.get(info_hash, info_hash)
+
+    def add_known(
+        self, info_hash: bytes, name: str, size: int, source: str, alias: bytes | None = None
+    ) -> Known:
+        if alias is not None and alias != info_hash:
+            self.aliases[alias] = info_hash
         known = self.known.get(info_hash)
         if known is None:
             known = self.known[info_hash] = Known(info_hash, name, size)
@@ -267,6 +277,8 @@ class Registry:
         if known.sources:
             return False
         del self.known[info_hash]
+        for alias in [a for a, target in self.aliases.items() if target == info_hash]:
+            del self.aliases[alias]
         deploy = self.deploys.get(info_hash)
         if deploy is not None:
             if self.allowlist:

@@ -19,7 +19,7 @@ import pytest
 from conftest import free_port, wait_for, write_config
 
 from murderd import lt as mlt
-from murderd.torrent import make_torrent
+from murderd.torrent import make_torrent, parse
 
 lt = mlt.lt
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -38,13 +38,17 @@ def stats(base: str) -> dict:
 @pytest.fixture
 def swarm(daemons, tmp_path):
     """A running tracker that knows one deploy; the deploy's data and torrent."""
+    return start_swarm(daemons, tmp_path, "v1")
+
+
+def start_swarm(daemons, tmp_path, fmt: str) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     src = tmp_path / "seed"
     src.mkdir()
     data = src / "release.bin"
     data.write_bytes(os.urandom(SIZE))
-    made = make_torrent(data, [base + "/announce"], piece_size=256 * 1024)
+    made = make_torrent(data, [base + "/announce"], piece_size=256 * 1024, fmt=fmt)
     torrents = tmp_path / "torrents"
     torrents.mkdir()
     (torrents / "release.bin.torrent").write_bytes(made.data)
@@ -93,6 +97,24 @@ class Session:
 
 
 def test_two_libtorrent_sessions_transfer_through_the_tracker(swarm):
+    transfer_through_the_tracker(swarm)
+
+
+def test_hybrid_torrent_v1_and_v2_announces_share_one_swarm(daemons, tmp_path):
+    """libtorrent announces a hybrid torrent under both hashes: both must be accepted."""
+    swarm = start_swarm(daemons, tmp_path, "hybrid")
+    assert swarm["made"].info_hash != parse(swarm["made"].data).v2_alias
+    seeder, leecher = transfer_through_the_tracker(swarm, keep_open=True)
+    try:
+        assert not [e for e in leecher.errors() + seeder.errors() if "unknown deploy" in e]
+        (deploy,) = stats(swarm["base"])["deploys"]
+        assert deploy["info_hash"] == swarm["made"].info_hash
+    finally:
+        seeder.close()
+        leecher.close()
+
+
+def transfer_through_the_tracker(swarm, keep_open: bool = False):
     made, data = swarm["made"], swarm["data"]
     out = swarm["tmp"] / "leech"
     out.mkdir()
@@ -126,9 +148,14 @@ def test_two_libtorrent_sessions_transfer_through_the_tracker(swarm):
         assert len({p["peer_id"] for p in peers}) == 2
         assert deploy["name"] == "release.bin" and deploy["size"] == SIZE
         assert deploy["completed"] == 1
+    except BaseException:
+        keep_open = False
+        raise
     finally:
-        seeder.close()
-        leecher.close()
+        if not keep_open:
+            seeder.close()
+            leecher.close()
+    return seeder, leecher
 
 
 @pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c not installed (apt: aria2)")
