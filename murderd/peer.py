@@ -516,7 +516,9 @@ class PeerService(runtime.Service):
                 deploy.hash_failures += 1
             log.warning("libtorrent: %s", alert.message())
         elif isinstance(alert, (lt.file_error_alert, lt.torrent_error_alert)):
-            log.error("libtorrent: %s", alert.message())
+            # A full disk fails every block in flight: one line per stall, not hundreds.
+            stalled = deploy is not None and deploy.state == "stalled"
+            log.log(logging.DEBUG if stalled else logging.ERROR, "libtorrent: %s", alert.message())
             if deploy and deploy.state in ("downloading", "stalled"):
                 self._stall(deploy, alert)
         elif isinstance(alert, (lt.tracker_error_alert, lt.listen_failed_alert)):
@@ -530,6 +532,8 @@ class PeerService(runtime.Service):
         text = error.message()
         if error.value() == errno.ENOSPC:
             text = f"no space left on {self.staging_dir}"
+        if deploy.state == "stalled" and deploy.retry_timer is not None:
+            return  # already recorded; the retry is scheduled
         self._set_state(deploy, "stalled", f"{text}; retrying every {RETRY_ERROR_SECONDS}s")
         if deploy.retry_timer is None:
             deploy.retry_timer = asyncio.get_running_loop().call_later(
@@ -542,6 +546,9 @@ class PeerService(runtime.Service):
             return
         log.info("deploy %s: retrying after: %s", deploy.name, deploy.error)
         deploy.handle.clear_error()
+        # A failed write (disk full, read-only) puts the torrent in upload mode rather than
+        # in error, and only auto-managed torrents ever leave it by themselves.
+        deploy.handle.unset_flags(lt.torrent_flags.upload_mode)
         deploy.handle.resume()
         self._set_state(deploy, "downloading")
 
