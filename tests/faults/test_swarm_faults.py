@@ -1,0 +1,176 @@
+"""Faults in the swarm: the tracker dies, the seeder goes away, a peer serves corrupt data.
+
+Real tracker, seeder and peers as subprocesses on 127.0.0.1 (LocalFleet), real kills.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import urllib.request
+
+from faultkit import (
+    DestinationWatcher,
+    MiB,
+    give,
+    random_file,
+    set_peer_key,
+    sha256,
+    state_of,
+    wait_progress,
+    wait_state,
+)
+
+from murderd import torrent
+from murderd.localfleet import free_port, wait_for
+from murderd.lt import lan_settings, lt, make_session
+
+PLACED = ("seeding", "done")
+
+
+def tracker_stats(fleet) -> dict:
+    with urllib.request.urlopen(f"{fleet.tracker_url}/stats", timeout=5) as resp:
+        return json.load(resp)
+
+
+def test_tracker_killed_and_restarted_mid_deploy(fleet_factory, tmp_path):
+    """SIGKILL the tracker while two peers download; a third peer joins while it is down.
+
+    The two keep trading without it; the restarted tracker learns the deploy again from
+    torrents_dir and the swarm again from the next announces, and the third peer, which
+    could not announce at all, finds the others through it.
+    """
+    size = 24 * MiB
+    fleet = fleet_factory(
+        3,
+        tracker={"interval": 2, "min_interval": 1},
+        seeder={"upload_rate_limit": 4 * MiB},
+    ).start()
+    want = random_file(tmp_path / "app-1.0.bin", size)
+    fleet.drop(tmp_path / "app-1.0.bin")
+    give(fleet, 0, "app-1.0.bin")
+    give(fleet, 1, "app-1.0.bin")
+    state = wait_progress(fleet, 0, "app-1.0.bin", 0.1, 60)
+    info_hash = state["info_hash"]
+
+    fleet.tracker.proc.send_signal(signal.SIGKILL)
+    fleet.tracker.proc.wait(10)
+    give(fleet, 2, "app-1.0.bin")
+    wait_for(
+        lambda: f"{fleet.tracker_url}/announce" in fleet.peers[2].log_text(),
+        30,
+        what="peer3 to fail announcing to the dead tracker",
+    )
+    # Without a tracker the two that know each other keep going.
+    wait_progress(fleet, 0, "app-1.0.bin", state_of(fleet, 0, "app-1.0.bin")["progress"] + 0.1, 30)
+    assert state_of(fleet, 2, "app-1.0.bin")["progress"] == 0.0
+    fleet.tracker.start()
+    with DestinationWatcher(fleet.peer_destination(2), {"app-1.0.bin": size}) as watcher:
+        for peer in range(3):
+            wait_state(fleet, peer, "app-1.0.bin", PLACED, 90)
+    assert watcher.partial == []
+    for peer in range(3):
+        assert sha256(fleet.peer_destination(peer) / "app-1.0.bin") == want
+    # The restarted tracker saw peer3 (at least) finish.
+    [deploy] = [d for d in tracker_stats(fleet)["deploys"] if d["info_hash"] == info_hash]
+    assert deploy["completed"] >= 1
+    assert "Traceback" not in fleet.tracker.log_text()
+
+
+def test_seeder_stopped_once_a_full_copy_is_among_the_peers(fleet_factory, tmp_path):
+    """peer1 (fast) gets a full copy; the seeder stops; peers 2 and 3 (slow) finish from it."""
+    size = 16 * MiB
+    fleet = fleet_factory(3, seeder={"upload_rate_limit": 8 * MiB})
+    for peer in (1, 2):
+        set_peer_key(fleet, peer, "download_rate_limit", 2 * MiB)
+    fleet.start()
+    want = random_file(tmp_path / "svc-2.0.bin", size)
+    fleet.drop(tmp_path / "svc-2.0.bin")
+    for peer in range(3):
+        give(fleet, peer, "svc-2.0.bin")
+    wait_state(fleet, 0, "svc-2.0.bin", PLACED, 60)
+    assert fleet.seeder.stop(timeout=20) == 0
+    behind = [state_of(fleet, peer, "svc-2.0.bin")["progress"] for peer in (1, 2)]
+    assert max(behind) < 1.0, behind
+    for peer in (1, 2):
+        state = wait_state(fleet, peer, "svc-2.0.bin", PLACED, 60)
+        assert sha256(fleet.peer_destination(peer) / "svc-2.0.bin") == want
+        # What they lacked when the seeder left came from the other peers.
+        assert state["bytes_from_peers"] >= (1.0 - behind[peer - 1]) * size * 0.9
+
+
+class CorruptSeed:
+    """A libtorrent session (built with murderd.lt) seeding a damaged copy of a deploy.
+
+    seed_mode claims every piece without checking; disable_hash_checks stops libtorrent from
+    verifying pieces before serving them, so it really sends the damaged bytes.  It announces
+    to the fleet's tracker like any peer (the tracker knows the deploy: it is published).
+
+    It lives on its own loopback address, as a real host has its own address: libtorrent
+    bans a peer by address, and on 127.0.0.1 the ban would hit the honest seeder too.
+    """
+
+    ADDRESS = "127.0.0.66"
+
+    def __init__(self, torrent_path, data_dir):
+        settings = lan_settings(
+            f"{self.ADDRESS}:{free_port()}", seeder=True, fingerprint="-XX0001-"
+        )
+        settings["outgoing_interfaces"] = self.ADDRESS
+        settings["disable_hash_checks"] = True
+        self.session = make_session(settings)
+        params = lt.add_torrent_params()
+        params.ti = torrent.load(torrent_path).info
+        params.save_path = str(data_dir)
+        params.flags = lt.torrent_flags.seed_mode
+        self.handle = self.session.add_torrent(params)
+
+    def status(self):
+        return self.handle.status()
+
+    def close(self) -> None:
+        self.session.remove_torrent(self.handle)
+        self.session.pause()
+
+
+def test_peer_serving_corrupt_data_is_banned_and_every_copy_is_right(fleet_factory, tmp_path):
+    size = 8 * MiB
+    fleet = fleet_factory(3, seeder={"upload_rate_limit": 2 * MiB}).start()
+    data = bytearray(os.urandom(size))
+    (tmp_path / "web-3.1.bin").write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    fleet.drop(tmp_path / "web-3.1.bin")
+    published = fleet.torrent_for("web-3.1.bin")
+    piece = torrent.load(published).piece_size
+    for offset in range(0, size, piece):  # one flipped byte in every piece
+        data[offset + 7] ^= 0xFF
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "web-3.1.bin").write_bytes(data)
+    bad = CorruptSeed(published, tmp_path / "bad")
+    try:
+        info_hash = torrent.load(published).info_hash
+        wait_for(
+            lambda: any(
+                d["info_hash"] == info_hash and d["seeders"] >= 2
+                for d in tracker_stats(fleet)["deploys"]
+            ),
+            30,
+            what="the corrupt seed to join the swarm",
+        )
+        for peer in range(3):
+            give(fleet, peer, "web-3.1.bin")
+        states = [wait_state(fleet, peer, "web-3.1.bin", PLACED, 90) for peer in range(3)]
+        for peer in range(3):
+            assert sha256(fleet.peer_destination(peer) / "web-3.1.bin") == want
+        failures = [s["hash_failures"] for s in states]
+        assert sum(failures) >= 1, failures
+        assert "failed" in "".join(p.log_text() for p in fleet.peers)
+        # Each peer banned it after the first bad pieces: uncapped, it would have been the
+        # main source of all three; it got to send a few pieces, and nobody talks to it.
+        uploaded = bad.status().all_time_upload
+        assert uploaded < size / 2, f"the corrupt seed sent {uploaded} bytes"
+        wait_for(lambda: bad.status().num_peers == 0, 30, what="every peer to drop it")
+    finally:
+        bad.close()
