@@ -407,8 +407,9 @@ class TrackerHTTP:
             )
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
+        # aiohttp keeps a header's non-UTF-8 bytes as surrogates: compare the raw bytes.
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), self.token.encode()
+            value.strip().encode("utf-8", "surrogateescape"), self.token.encode()
         ):
             self._registrations.labels("unauthorized").inc()
             log.warning("registration from %s refused: missing or wrong token", request.remote)
