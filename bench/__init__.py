@@ -1,0 +1,1 @@
+"""murderd's benchmarks: `make bench` runs bench/run.py (see README.md, Benchmarks)."""
