@@ -306,9 +306,9 @@ def _v1_files(info: dict, name: str) -> list[TorrentFile]:
         length = item.get(b"length")
         if not isinstance(length, int) or length < 0:
             raise TorrentError("a 'files' entry has no valid length")
+        names = [check_name(p, "path component") for p in parts]
         if isinstance(attr, bytes) and b"p" in attr:
             continue  # pad file: never written to disk as a file
-        names = [check_name(p, "path component") for p in parts]
         out.append(TorrentFile("/".join([name] + names), length, _sha256_hex(item.get(b"sha256"))))
     return out
 
@@ -330,6 +330,25 @@ def _v2_files(tree: dict, prefix: list[str], out: list, depth: int = 0) -> None:
         _v2_files(node, prefix + [check_name(key, "path component")], out, depth + 1)
         if len(out) > MAX_FILES:
             raise TorrentError(f"more than {MAX_FILES} files")
+
+
+def _check_unique(paths: list[str]) -> None:
+    """Refuse a path listed twice, or as a file and as a directory (libtorrent would
+    rename one of them, and the end-to-end check would read the wrong file)."""
+    files: set[str] = set()
+    directories: set[str] = set()
+    for path in paths:
+        if path in files:
+            raise TorrentError(f"path {path!r} appears twice")
+        if path in directories:
+            raise TorrentError(f"path {path!r} is both a file and a directory")
+        files.add(path)
+        parts = path.split("/")
+        for end in range(1, len(parts)):
+            parent = "/".join(parts[:end])
+            if parent in files:
+                raise TorrentError(f"path {parent!r} is both a file and a directory")
+            directories.add(parent)
 
 
 def _sha256_hex(value) -> str | None:
@@ -367,6 +386,7 @@ def parse(data: bytes, max_bytes: int = 16 * 1024 * 1024, max_total: int | None 
     if has_v2:
         v2files: list = []
         _v2_files(info[b"file tree"], [], v2files)
+        _check_unique([f.path for f in v2files])
         if not has_v1:
             multi = len(v2files) != 1 or v2files[0].path != name
             files = [
@@ -374,6 +394,7 @@ def parse(data: bytes, max_bytes: int = 16 * 1024 * 1024, max_total: int | None 
             ]
         if not v2files:
             raise TorrentError("empty file tree")
+    _check_unique([f.path for f in files])
     total = sum(f.size for f in files)
     if total <= 0:
         raise TorrentError("torrent holds no data")
