@@ -35,17 +35,19 @@ test: venv system-deps
 	$(PY) -m pytest -q tests
 	$(MAKE) test-lt20
 
-# EL9 (EPEL) and Debian ship libtorrent 2.0.x: run the unit tests and the end-to-end deploy
-# tests once more on the 2.0 bindings, in a venv of their own.
+# EL9 (EPEL) and Debian ship libtorrent 2.0.x, and EL9's python3 is 3.9: run the unit tests
+# and the end-to-end deploy tests once more on the 2.0 bindings, under Python 3.9 where this
+# machine has one (else the default python3), in a venv of their own.
 LT20_VENV ?= .venv-lt20
+LT20_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.9 $(HOME)/.pyenv/versions/3.9*/bin/python3.9) $(PYTHON))
 $(LT20_VENV)/.stamp: setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(LT20_VENV)
+	$(LT20_PYTHON) -m venv $(LT20_VENV)
 	$(LT20_VENV)/bin/python -m pip install -q 'libtorrent>=2.0,<2.1'
 	$(LT20_VENV)/bin/python -m pip install -q -e '.[test]'
 	touch $@
 
 test-lt20: $(LT20_VENV)/.stamp system-deps
-	$(LT20_VENV)/bin/python -c 'import libtorrent; assert libtorrent.__version__.startswith("2.0"), libtorrent.__version__'
+	$(LT20_VENV)/bin/python -c 'import sys, libtorrent; print("python", sys.version.split()[0], "libtorrent", libtorrent.__version__); assert libtorrent.__version__.startswith("2.0")'
 	$(LT20_VENV)/bin/python -m pytest -q tests/unit tests/integration/test_deploy.py tests/integration/test_runtime.py
 
 test-fast: venv
