@@ -220,8 +220,10 @@ class SeederService(runtime.Service):
     def _gone(self, path: Path) -> None:
         name = path.name
         task = self.hashing.pop(name, None)
+        self.rehash_wanted.discard(name)
         if task:
             task.cancel()
+            log.warning("deploy %s: deleted or moved away while being hashed: not published", name)
         if name in self.deploys:
             log.info("deploy %s removed from the drop dir: unpublishing", name)
             self._unpublish(name)
@@ -252,10 +254,14 @@ class SeederService(runtime.Service):
                 ),
             )
         except torrent.FileChangedError as exc:
-            log.warning("deploy %s: %s; will hash again once it settles", name, exc)
+            # Still being written: hashing again at once would loop for as long as the
+            # writer writes; its close (or a move into place) is the next event.
+            log.warning(
+                "deploy %s: %s: not published; hashed again once it is closed or moved in",
+                name,
+                exc,
+            )
             made = None
-            if path.exists():
-                self.rehash_wanted.add(name)
         except (torrent.TorrentError, OSError) as exc:
             log.error("deploy %s: cannot make a torrent: %s", name, exc)
             self.metrics.deploy_failed()
