@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Iterable
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PATH = "/etc/murderd/murderd.conf"
 EX_CONFIG = 78  # sysexits.h: configuration error
 SPEC_PATH = Path(__file__).with_name("configspec.ini")
+MAX_PIECE_SIZE = 64 * 1024 * 1024  # libtorrent refuses to make pieces much larger
 
 
 class ConfigError(Exception):
@@ -93,8 +95,8 @@ def _piece_size(value, *args):
         size = int(value)
     except (TypeError, ValueError):
         raise ValidateError(f"{value!r} is not a number") from None
-    if size != 0 and (size < 16384 or size & (size - 1)):
-        raise ValidateError(f"{size} is not 0 or a power of two of 16384 or more")
+    if size != 0 and (size < 16384 or size > MAX_PIECE_SIZE or size & (size - 1)):
+        raise ValidateError(f"{size} is not 0 or a power of two from 16384 to {MAX_PIECE_SIZE}")
     return size
 
 
@@ -229,6 +231,13 @@ def _sanity(values: dict, origin: dict) -> list[str]:
         return origin.get((section, key), "built-in default")
 
     problems = []
+    for section, keys in values.items():
+        for key, value in keys.items():
+            # validate's float(min=, max=) lets "nan" through: no comparison is true for it.
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(
+                    f"{where(section, key)}: [{section}] {key}: {value} is not a finite number"
+                )
     tracker = values["tracker"]
     if tracker["min_interval"] > tracker["interval"]:
         problems.append(
