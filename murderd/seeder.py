@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,11 +97,17 @@ class SeederService(runtime.Service):
                 raise runtime.StartupError(f"cannot create {directory}: {exc.strerror}") from None
         if c["token_file"]:
             try:
+                mode = os.stat(c["token_file"]).st_mode
                 self.token = Path(c["token_file"]).read_text().strip()
             except OSError as exc:
                 raise runtime.StartupError(
                     f"cannot read token_file {c['token_file']}: {exc.strerror}"
                 ) from None
+            if mode & (stat.S_IROTH | stat.S_IWOTH):  # as the tracker: a secret stays private
+                raise runtime.StartupError(
+                    f"token_file {c['token_file']} is readable or writable by everyone "
+                    f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {c['token_file']}"
+                )
         listen = c["listen_interfaces"] or f"0.0.0.0:{c['listen_port']}"
         self.session = make_session(
             lan_settings(
