@@ -37,7 +37,8 @@ test: venv system-deps
 
 # EL9 (EPEL) and Debian ship libtorrent 2.0.x, and EL9's python3 is 3.9: run the unit tests
 # and the end-to-end deploy tests once more on the 2.0 bindings, under Python 3.9 where this
-# machine has one (else the default python3), in a venv of their own.
+# machine has one (else the default python3), in a venv of their own.  The full-disk fault test
+# too: how libtorrent reports a failed write is what the peer's retry depends on.
 LT20_VENV ?= .venv-lt20
 LT20_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.9 $(HOME)/.pyenv/versions/3.9*/bin/python3.9) $(PYTHON))
 $(LT20_VENV)/.stamp: setup.cfg pyproject.toml
@@ -48,7 +49,8 @@ $(LT20_VENV)/.stamp: setup.cfg pyproject.toml
 
 test-lt20: $(LT20_VENV)/.stamp system-deps
 	$(LT20_VENV)/bin/python -c 'import sys, libtorrent; print("python", sys.version.split()[0], "libtorrent", libtorrent.__version__); assert libtorrent.__version__.startswith("2.0")'
-	$(LT20_VENV)/bin/python -m pytest -q tests/unit tests/integration/test_deploy.py tests/integration/test_runtime.py
+	$(LT20_VENV)/bin/python -m pytest -q tests/unit tests/integration/test_deploy.py tests/integration/test_runtime.py \
+	  tests/faults/test_disk_faults.py
 
 test-fast: venv
 	$(PY) -m pytest -q tests/unit
