@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,15 @@ from murderd.demo import make_file  # noqa: F401  (fast incompressible test file
 from murderd.localfleet import free_port, wait_for  # noqa: F401
 
 MIB = 1 << 20
+HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def override_env(lt_overrides: dict) -> dict:
+    """Environment that makes murderd daemons apply libtorrent overrides (bench/ltoverride)."""
+    if not lt_overrides:
+        return {}
+    return {"PYTHONPATH": str(HERE / "ltoverride"), "MURDERD_BENCH_LT": json.dumps(lt_overrides)}
 
 
 def mbit(rate_bit: int) -> str:

@@ -15,19 +15,22 @@ from pathlib import Path
 
 from murderd.localfleet import LocalFleet
 
-from .common import make_file, proc_memory
+from .common import make_file, override_env, proc_memory
 
 log = logging.getLogger(__name__)
 
 
-def run(work: Path, size: int, timeout: float = 180.0) -> dict:
+def run(work: Path, size: int, lt_overrides: dict | None = None, timeout: float = 180.0) -> dict:
     root = work / "peermem"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     source = root / "big-2.0.bin"
     make_file(source, size)
-    out = {"size": size}
+    out = {"size": size, "lt_overrides": lt_overrides or {}}
     log.info("peer memory: fetching %.2f GiB", size / (1 << 30))
+    saved = dict(os.environ)
+    if lt_overrides:  # the daemons LocalFleet starts inherit this environment
+        os.environ.update(override_env(lt_overrides))
     try:
         with LocalFleet(root / "fleet", peers=1, follow=True) as fleet:
             fleet.start()
@@ -62,5 +65,8 @@ def run(work: Path, size: int, timeout: float = 180.0) -> dict:
     except Exception as exc:
         log.exception("peer memory run failed")
         out["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     shutil.rmtree(root, ignore_errors=True)
     return out

@@ -217,7 +217,7 @@ def main(argv: list | None = None) -> int:
             from bench import peermem
 
             size = parse_size("2G") if args.full else parse_size("512M")
-            results["peer_memory"] = peermem.run(work, size)
+            results["peer_memory"] = peermem.run(work, size, lt_overrides)
     finally:
         results["seconds"] = round(time.monotonic() - began, 1)
         if args.workdir is None:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,7 +24,7 @@ from murderd import fsutil, torrent
 from murderd.localfleet import Daemon, write_config
 from murderd.lt import bdecode
 
-from .common import Processes, limit_seconds, proc_cpu_seconds
+from .common import Processes, limit_seconds, override_env, proc_cpu_seconds
 from .netns import TBF_GOODPUT, Testbed, run, wait_port
 
 log = logging.getLogger(__name__)
@@ -136,9 +135,7 @@ def run_murderd(
     token = root / "token"
     fsutil.atomic_write(token, os.urandom(16).hex().encode(), mode=0o600)
     seeder_ip = bed.address(0)
-    env = {}
-    if lt_overrides:
-        env = {"PYTHONPATH": str(HERE / "ltoverride"), "MURDERD_BENCH_LT": json.dumps(lt_overrides)}
+    env = override_env(lt_overrides or {})
     seeder_dir = root / "seeder"
     drop_dir, publish_dir = seeder_dir / "drop", seeder_dir / "publish"
     publish_dir.mkdir(parents=True)
