@@ -148,7 +148,9 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--only", action="append", choices=PARTS, help="run only these parts")
     parser.add_argument("--skip", action="append", choices=PARTS, default=[], help="skip parts")
     parser.add_argument("--full", action="store_true", help="full sizes: 2 GiB peer RSS")
-    parser.add_argument("--repeat", type=int, default=1, help="murderd runs per point (median)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="murderd and aria2c runs per point (the median)"
+    )
     parser.add_argument("--mode", choices=("follow", "drop"), default="follow")
     parser.add_argument("--piece-size", type=parse_size, default=0)
     parser.add_argument(
@@ -278,9 +280,11 @@ def run_swarms(args, parts: list, work: Path, lt_overrides: dict) -> dict:
             if peers == args.peers and "swarm" in parts:
                 out["swarm"]["murderd"] = murderd.record()
                 if not args.no_client:
-                    client = swarm.run_client(bed, peers, source, work)
-                    log.info("  client: %s", _brief(client))
-                    out["swarm"]["client"] = client.record()
+                    clients = []
+                    for _ in range(max(1, args.repeat)):
+                        clients.append(swarm.run_client(bed, peers, source, work))
+                        log.info("  client: %s", _brief(clients[-1]))
+                    out["swarm"]["client"] = _median_run(clients).record()
                 if not args.no_http:
                     http = swarm.run_http(bed, peers, source, work)
                     log.info("  http: %s", _brief(http))
