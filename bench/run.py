@@ -177,6 +177,9 @@ def main(argv: list | None = None) -> int:
     if missing:
         print(f"missing tools: {', '.join(missing)} (`make system-deps` installs them)")
         return 2
+    # Ctrl-C, kill and a closed terminal all end the run through the same clean-up (even when
+    # started with SIGINT ignored, as background jobs of a script are).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     plot_ok = ensure_matplotlib()
@@ -299,4 +302,8 @@ def _brief(run_) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: namespaces and daemons removed", file=sys.stderr)
+        sys.exit(130)
