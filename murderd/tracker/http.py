@@ -134,10 +134,12 @@ def _parse_hex_hash(text: str) -> bytes:
         raise Malformed("info hash must be 40 hex characters") from None
 
 
+def _failure_body(reason: str) -> bytes:
+    return bencode({b"failure reason": reason.encode()})
+
+
 def _failure(reason: str) -> web.Response:
-    return web.Response(
-        body=bencode({b"failure reason": reason.encode()}), content_type="text/plain"
-    )
+    return web.Response(body=_failure_body(reason), content_type="text/plain")
 
 
 class _BadRequestFilter(logging.Filter):
@@ -262,21 +264,28 @@ class TrackerHTTP:
     # -- BitTorrent ---------------------------------------------------------------------------
 
     async def announce(self, request: web.Request) -> web.Response:
+        body = self.announce_body(request.rel_url.raw_query_string, request.remote)
+        return web.Response(body=body, content_type="text/plain")
+
+    def announce_body(self, raw_query: str, source: str | None) -> bytes:
+        """The bencoded reply to an announce (a failure reason for a malformed one).
+
+        Shared by the aiohttp route and the fast path (fastpath.py), which serves most
+        announces without aiohttp's request and response objects.
+        """
         started = time.perf_counter()
         self.announces += 1
         try:
-            body = self._announce(request)
+            body = self._announce(raw_query, source)
         except Malformed as exc:
             self._announce_malformed.inc()
-            log.debug("announce from %s refused: %s", request.remote, exc)
-            response = _failure(str(exc))
-        else:
-            response = web.Response(body=body, content_type="text/plain")
+            log.debug("announce from %s refused: %s", source, exc)
+            body = _failure_body(str(exc))
         self._latency["announce"].observe(time.perf_counter() - started)
-        return response
+        return body
 
-    def _announce(self, request: web.Request) -> bytes:
-        query = parse_query(request.rel_url.raw_query_string, MAX_ANNOUNCE_FIELDS)
+    def _announce(self, raw_query: str, source: str | None) -> bytes:
+        query = parse_query(raw_query, MAX_ANNOUNCE_FIELDS)
         info_hash = self.registry.canonical(_binary20(query, "info_hash"))
         peer_id = _binary20(query, "peer_id")
         port = _number(query, "port")
@@ -289,7 +298,6 @@ class TrackerHTTP:
         if event is None:
             raise Malformed(f"unknown event {query['event'][:32]!r}")
         numwant = min(_number(query, "numwant", self.numwant_default), self.numwant_max)
-        source = request.remote
         if not source:
             raise Malformed("no source address")
         ip = normalize_ip(source)
