@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import sys
 import time
 from collections import OrderedDict
 
@@ -139,6 +140,9 @@ class Deploy:
         net = self.nets.get(peer.subnet)
         if net is None:
             net = self.nets[peer.subnet] = ([], [])
+        else:
+            # One subnet key object per subnet, not one per peer (88 bytes a peer).
+            peer.subnet = (net[0] or net[1])[0].subnet
         pool = net[kind]
         peer.i_net = len(pool)
         pool.append(peer)
@@ -358,7 +362,7 @@ class Registry:
                 _, old = peers.popitem(last=False)
                 deploy._remove_from_pools(old)
                 self.evicted_peers += 1
-            peer = Peer(peer_id, ip, port)
+            peer = Peer(peer_id, sys.intern(ip), port)  # one str per address, not per peer
             peer.compact, peer.v6, peer.subnet = compact, v6, subnet
             peer.left = left
             peers[peer_id] = peer
@@ -383,7 +387,7 @@ class Registry:
                     compact, v6, subnet = peer.compact, peer.v6, peer.subnet
                 was_leeching = peer.left != 0
                 deploy._remove_from_pools(peer)
-                peer.ip, peer.port = ip, port
+                peer.ip, peer.port = sys.intern(ip), port
                 peer.compact, peer.v6, peer.subnet = compact, v6, subnet
                 peer.left = left
                 deploy._add_to_pools(peer)
