@@ -11,7 +11,9 @@ clients do (``Connection: close``):
   from when each request was due): latency at a load a large fleet really makes.
 
 The load processes share the 2 cores with the tracker: their CPU use is recorded, so a
-figure capped by the generator can be told from one capped by the tracker.
+figure capped by the generator can be told from one capped by the tracker; so is each
+tracker's CPU time per announce (``cpu_efficiency_ratio``: opentracker's over
+murder-tracker's), which the generator and other load on the machine change little.
 """
 
 from __future__ import annotations
@@ -346,6 +348,12 @@ def run(work: Path) -> dict:
     mt, ot = out.get("murder-tracker", {}), out.get("opentracker", {})
     if "burst" in mt and "burst" in ot:
         out["throughput_ratio"] = round(mt["burst"]["rate"] / ot["burst"]["rate"], 3)
+        # The same ratio from CPU time: what each tracker would do with a core to itself.
+        out["cpu_efficiency_ratio"] = round(
+            ot["burst"]["tracker_cpu_us_per_announce"]
+            / max(mt["burst"]["tracker_cpu_us_per_announce"], 1e-9),
+            3,
+        )
     shutil.rmtree(root, ignore_errors=True)
     return out
 
