@@ -23,7 +23,7 @@ from aiohttp import web
 
 from .. import config, runtime, torrent
 from ..fsutil import atomic_write
-from . import fastpath, http
+from . import http
 from . import registry as reg
 from .http import TrackerHTTP
 
@@ -128,7 +128,6 @@ class TrackerService(runtime.Service):
         self._pending: set[str] = set()
         self._notifier: pyinotify.AsyncioNotifier | None = None
         self._runner: web.AppRunner | None = None
-        self._server: fastpath.AnnounceServer | None = None
         self._tasks: list[asyncio.Task] = []
 
     @staticmethod
@@ -166,12 +165,8 @@ class TrackerService(runtime.Service):
                 self.http.make_app(), access_log=None, logger=http.server_log
             )
             await self._runner.setup()
-            # aiohttp serves every request but plain announces (fastpath.py); the socket is
-            # accepted on by the fast path, which hands other connections to aiohttp.
-            self._server = fastpath.AnnounceServer(
-                sock, self.http.announce_body, self._runner.server
-            )
-            self._server.start()
+            site = web.SockSite(self._runner, sock, backlog=LISTEN_BACKLOG)
+            await site.start()
         except BaseException:
             sock.close()
             raise
@@ -195,9 +190,6 @@ class TrackerService(runtime.Service):
         if self._notifier is not None:
             self._notifier.stop()
             self._notifier = None
-        if self._server is not None:
-            await self._server.stop()
-            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
