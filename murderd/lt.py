@@ -143,6 +143,10 @@ def lan_settings(
             # Retry an unreachable tracker after ~7 s, then ~20 s (default: ~17 s, then ~1 min):
             # on a LAN that is a tracker restarting, and a new peer knows nobody until then.
             "tracker_backoff": 50,
+            # Two peers that learn of each other at once (a late announce, a tracker restart)
+            # connect both ways; libtorrent drops both as duplicates and waited 60 s (x fails)
+            # to try again, stalling the deploy: on a LAN, try again in seconds.
+            "min_reconnect_time": 2,
             "user_agent": "murderd/libtorrent-" + _lt.__version__,
             # Peer ids tell seeders (-MS) from peers (-MP) in peer lists and accounting.
             "peer_fingerprint": fingerprint,
@@ -297,3 +301,27 @@ def check_pieces(ti: _lt.torrent_info, save_path: str, timeout: float = 3600.0) 
                 pieces = handle.status().pieces
                 return [i for i, have in enumerate(pieces) if not have]
     raise TimeoutError("hash check did not finish in time")
+
+
+def staggered_priorities(num_pieces: int, offset: int, levels: int = 2) -> list[int]:
+    """Piece priorities that start a download at piece `offset`: `levels` equal bands wrapping
+    round the file from there, at priority `levels` down to 1 (never 0: "do not download").
+
+    libtorrent's picker ranks a piece by availability x (8 - priority): with priorities 2 and
+    1, rarity still comes first (a piece one more peer has never wins) and the band only breaks
+    ties, so peers starting at different offsets ask the seeder for different pieces among
+    the equally rare ones.  bench/: top priorities (7 and 6) helped at N=8 but made N=2 and
+    N=16 worse: a peer then asked the seeder for its own band's pieces that others had.
+    """
+    levels = max(1, min(levels, 7))
+    num_pieces = max(num_pieces, 1)
+    offset %= num_pieces
+    out = [0] * num_pieces
+    for distance in range(num_pieces):
+        out[(offset + distance) % num_pieces] = levels - distance * levels // num_pieces
+    return out
+
+
+def prioritize_pieces(handle, priorities: list[int]) -> None:
+    """Set every piece's priority (1..7; 0 would mean "do not download")."""
+    handle.prioritize_pieces(priorities)

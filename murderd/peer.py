@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import random
 import re
 import shlex
 import sys
@@ -26,7 +27,15 @@ import aiohttp
 from aiohttp import web
 
 from . import fsutil, httpserver, metrics, publish, runtime, torrent
-from .lt import AlertPump, apply_rate_limits, lan_settings, lt, make_session
+from .lt import (
+    AlertPump,
+    apply_rate_limits,
+    lan_settings,
+    lt,
+    make_session,
+    prioritize_pieces,
+    staggered_priorities,
+)
 from .watch import DropWatcher
 
 log = logging.getLogger(__name__)
@@ -92,6 +101,7 @@ class PeerDeploy:
         self.peer_bytes: dict = {}  # (ip, port) -> [is_seeder, total_download]
         self.linger_timer = None
         self.retry_timer = None
+        self.top_band: list[int] = []  # staggered start: preferred pieces, until had
 
     def record(self) -> dict:
         return {key: getattr(self, key) for key in self.FIELDS}
@@ -479,8 +489,30 @@ class PeerService(runtime.Service):
         params.flags &= ~lt.torrent_flags.seed_mode
         fsutil.ensure_dir(self._staging(deploy))
         deploy.handle = self.session.add_torrent(params)
+        self._stagger(deploy)
         if deploy.state not in ("downloading", "stalled"):
             self._set_state(deploy, "downloading")
+
+    def _stagger(self, deploy: PeerDeploy) -> None:
+        """Among equally rare pieces, prefer the half of the file after a random offset.
+
+        At the start every peer would ask the seeder for the same (rarest) pieces, and a piece
+        in flight is invisible to the others: the seeder would send it several times.  Peers
+        preferring different regions ask it for different pieces and trade them among
+        themselves; once a peer has its preferred half, priorities go back to uniform.
+        bench/ (64 MiB, 100 Mbit/s, medians): T / T_limit 1.58 -> 1.40 at N=2, 1.97 -> 1.88
+        at N=8, 2.00 -> 1.98 at N=16.
+        """
+        count = deploy.torrent.info.num_pieces()
+        priorities = staggered_priorities(count, random.randrange(count))
+        top = max(priorities)
+        deploy.top_band = [i for i, p in enumerate(priorities) if p == top]
+        prioritize_pieces(deploy.handle, priorities)
+
+    def _unstagger(self, deploy: PeerDeploy, pieces) -> None:
+        if all(pieces[i] for i in deploy.top_band):
+            deploy.top_band = []
+            prioritize_pieces(deploy.handle, [4] * len(pieces))
 
     def _by_handle(self, handle) -> PeerDeploy | None:
         try:
@@ -564,7 +596,10 @@ class PeerService(runtime.Service):
                 if not deploy.handle.is_valid():
                     continue
                 try:
-                    deploy.progress = round(deploy.handle.status().progress, 4)
+                    status = deploy.handle.status()
+                    deploy.progress = round(status.progress, 4)
+                    if deploy.top_band:
+                        self._unstagger(deploy, status.pieces)
                     self._account_peers(deploy)
                 except Exception:
                     log.exception("deploy %s: cannot read its status", deploy.name)
