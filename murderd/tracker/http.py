@@ -318,7 +318,15 @@ class TrackerHTTP:
                 deploy = reg.Deploy(info_hash, registry.known.get(info_hash))
             else:
                 self._announce_unknown.inc()
-                return bencode({b"failure reason": b"unknown deploy " + info_hash.hex().encode()})
+                # The deploy may be known in a moment (a torrent just published, a tracker
+                # just restarted): without an interval, libtorrent retries after 30 minutes.
+                return bencode(
+                    {
+                        b"failure reason": b"unknown deploy " + info_hash.hex().encode(),
+                        b"interval": self.min_interval,
+                        b"min interval": self.min_interval,
+                    }
+                )
         try:
             peer = registry.announce(
                 deploy, peer_id, ip, port, uploaded, downloaded, left, event, now
