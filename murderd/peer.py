@@ -500,7 +500,7 @@ class PeerService(runtime.Service):
         in flight is invisible to the others: the seeder would send it several times.  Peers
         preferring different regions ask it for different pieces and trade them among
         themselves; once a peer has its preferred half, priorities go back to uniform.
-        bench/ (64 MiB, 100 Mbit/s, medians): T / T_limit 1.58 -> 1.40 at N=2, 1.97 -> 1.88
+        bench/ (64 MiB, 100 Mbit/s, medians): T / T_limit 1.58 -> 1.48 at N=2, 1.97 -> 1.88
         at N=8, 2.00 -> 1.98 at N=16.
         """
         count = deploy.torrent.info.num_pieces()
