@@ -270,8 +270,8 @@ class TrackerHTTP:
     def announce_body(self, raw_query: str, source: str | None) -> bytes:
         """The bencoded reply to an announce (a failure reason for a malformed one).
 
-        Shared by the aiohttp route and the fast path (fastpath.py), which serves most
-        announces without aiohttp's request and response objects.
+        Kept apart from aiohttp's request and response objects: the announce logic is
+        plain code, testable and measurable on its own.
         """
         started = time.perf_counter()
         self.announces += 1
