@@ -20,7 +20,6 @@ import re
 import shlex
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -28,15 +27,11 @@ from aiohttp import web
 
 from . import fsutil, httpserver, metrics, publish, runtime, torrent
 from .lt import (
-    AlertPump,
-    apply_rate_limits,
-    lan_settings,
     lt,
-    make_session,
     prioritize_pieces,
     staggered_priorities,
 )
-from .watch import DropWatcher
+from .swarm import SwarmService
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +102,10 @@ class PeerDeploy:
         return {key: getattr(self, key) for key in self.FIELDS}
 
 
-class PeerService(runtime.Service):
+class PeerService(SwarmService):
     name = "peer"
+    section = "peer"
+    fingerprint = "-MP0100-"
     live_keys = frozenset(
         {
             ("peer", key)
@@ -133,7 +130,7 @@ class PeerService(runtime.Service):
     )
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        super().__init__(cfg, pool_name="verify")
         c = cfg["peer"]
         self.drop_dir = Path(c["drop_dir"])
         self.rejected_dir = self.drop_dir / "rejected"
@@ -141,13 +138,6 @@ class PeerService(runtime.Service):
         self.destination_dir = Path(c["destination_dir"])
         self.state_dir = Path(c["state_dir"])
         self.deploys: dict[str, PeerDeploy] = {}
-        self.pool = ThreadPoolExecutor(2, thread_name_prefix="verify")
-        self.session = None
-        self.pump = None
-        self.watcher = None
-        self.client: aiohttp.ClientSession | None = None
-        self.http = None
-        self.tasks: set[asyncio.Task] = set()
         self.pending_resume = 0
         self.resume_done = asyncio.Event()
         self.follow_seen: set[str] = set()
@@ -159,17 +149,9 @@ class PeerService(runtime.Service):
 
     async def start(self) -> None:
         c = self.cfg["peer"]
-        for directory in (
-            self.drop_dir,
-            self.rejected_dir,
-            self.staging_dir,
-            self.destination_dir,
-            self.state_dir,
-        ):
-            try:
-                fsutil.ensure_dir(directory)
-            except OSError as exc:
-                raise runtime.StartupError(f"cannot create {directory}: {exc.strerror}") from None
+        self.make_dirs(
+            self.drop_dir, self.rejected_dir, self.staging_dir, self.destination_dir, self.state_dir
+        )
         if os.stat(self.staging_dir).st_dev != os.stat(self.destination_dir).st_dev:
             raise runtime.StartupError(
                 f"staging_dir {self.staging_dir} and destination_dir {self.destination_dir} "
@@ -182,61 +164,24 @@ class PeerService(runtime.Service):
                 self.staging_dir,
                 self.destination_dir,
             )
-        listen = c["listen_interfaces"] or f"0.0.0.0:{c['listen_port']}"
-        self.session = make_session(
-            lan_settings(
-                listen,
-                upload_rate_limit=c["upload_rate_limit"],
-                download_rate_limit=c["download_rate_limit"],
-                announce_ip=c["announce_ip"],
-                fingerprint="-MP0100-",
-            )
-        )
-        self.pump = AlertPump(self.session, self._alert)
-        self.client = aiohttp.ClientSession()
+        self.start_session()
         self._restore()
         if c["http_listen"]:
             self.http = await httpserver.serve(self._app(), c["http_listen"], "peer endpoint")
-        self.watcher = DropWatcher(
+        self.start_watcher(
             self.drop_dir,
             on_ready=self._dropped,
             on_refused=lambda path, kind: self._reject_file(path, f"{kind}, not a torrent"),
-            ignore_suffixes=tuple(c["ignore_suffixes"]),
             suffixes=(".torrent", ".url"),
         )
-        try:
-            self.watcher.start()
-        except OSError as exc:
-            raise runtime.StartupError(str(exc)) from None
-        self._spawn(self._tick_loop())
-        self._spawn(self._resume_loop())
-        self._spawn(self._follow_loop())
+        self.spawn(self._tick_loop())
+        self.spawn(self._resume_loop())
+        self.spawn(self._follow_loop())
 
-    async def stop(self) -> None:
-        if self.watcher:
-            self.watcher.stop()
-        for task in list(self.tasks):
-            task.cancel()
-        if self.session:
-            self.session.pause()
-            await self._save_all_resume(timeout=min(10.0, self.cfg["daemon"]["stop_timeout"] / 2))
+    async def save(self) -> None:
+        await self._save_all_resume(timeout=min(10.0, self.cfg["daemon"]["stop_timeout"] / 2))
         for deploy in self.deploys.values():
             self._write_state(deploy)
-        if self.http:
-            await self.http.cleanup()
-        if self.client:
-            await self.client.close()
-        self.session = None  # the pump holds the last reference and shuts libtorrent down
-        if self.pump:
-            self.pump.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-    async def reload(self, cfg) -> None:
-        self.cfg = cfg
-        c = cfg["peer"]
-        apply_rate_limits(self.session, c["upload_rate_limit"], c["download_rate_limit"])
-        if self.watcher:
-            self.watcher.ignore_suffixes = tuple(c["ignore_suffixes"])
 
     def status(self) -> str:
         counts: dict[str, int] = {}
@@ -251,12 +196,6 @@ class PeerService(runtime.Service):
             text += f" ({100 * sum(progress) / len(progress):.0f}%)"
         done = counts.get("done", 0) + counts.get("seeding", 0)
         return f"{text}, {done} done, {counts.get('failed', 0)} failed"
-
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
 
     # --- persisted state --------------------------------------------------------------
 
@@ -309,7 +248,7 @@ class PeerService(runtime.Service):
 
     def _dropped(self, path: Path) -> None:
         if path.name.endswith(".url"):
-            self._spawn(self._fetch_url_file(path))
+            self.spawn(self._fetch_url_file(path))
             return
         try:
             with open(path, "rb") as handle:
@@ -541,7 +480,7 @@ class PeerService(runtime.Service):
                 waiter.set_result(True)
         elif isinstance(alert, (lt.torrent_finished_alert, lt.torrent_checked_alert)):
             if deploy and deploy.state in ("downloading", "stalled") and handle.status().is_seeding:
-                self._spawn(self._complete(deploy))
+                self.spawn(self._complete(deploy))
         elif isinstance(alert, lt.hash_failed_alert):
             self.hash_failures_total += 1
             if deploy:

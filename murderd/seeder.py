@@ -15,7 +15,6 @@ import os
 import stat
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -23,8 +22,8 @@ import aiohttp
 from aiohttp import web
 
 from . import fsutil, httpserver, metrics, runtime, torrent
-from .lt import AlertPump, apply_rate_limits, lan_settings, lt, make_session
-from .watch import DropWatcher
+from .lt import lt
+from .swarm import SwarmService
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +61,14 @@ class Deploy:
         return True
 
 
-class SeederService(runtime.Service):
+class SeederService(SwarmService):
     name = "seeder"
+    section = "seeder"
+    fingerprint = "-MS0100-"
     live_keys = frozenset({("seeder", "upload_rate_limit"), ("seeder", "ignore_suffixes")})
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        super().__init__(cfg, pool_name="hash")
         c = cfg["seeder"]
         self.drop_dir = Path(c["drop_dir"])
         self.publish_dir = Path(c["publish_dir"])
@@ -75,14 +76,7 @@ class SeederService(runtime.Service):
         self.deploys: dict[str, Deploy] = {}
         self.hashing: dict[str, asyncio.Task] = {}
         self.rehash_wanted: set[str] = set()
-        self.pool = ThreadPoolExecutor(2, thread_name_prefix="hash")
-        self.session = None
-        self.pump = None
-        self.watcher = None
-        self.http = None
-        self.client: aiohttp.ClientSession | None = None
         self.token = ""
-        self.tasks: set[asyncio.Task] = set()
         self.published_total = 0
         self.metrics = metrics.DaemonMetrics("seeder", lambda: self.session)
 
@@ -90,11 +84,7 @@ class SeederService(runtime.Service):
 
     async def start(self) -> None:
         c = self.cfg["seeder"]
-        for directory in (self.drop_dir, self.publish_dir, self.state_dir):
-            try:
-                fsutil.ensure_dir(directory)
-            except OSError as exc:
-                raise runtime.StartupError(f"cannot create {directory}: {exc.strerror}") from None
+        self.make_dirs(self.drop_dir, self.publish_dir, self.state_dir)
         if c["token_file"]:
             try:
                 mode = os.stat(c["token_file"]).st_mode
@@ -108,54 +98,17 @@ class SeederService(runtime.Service):
                     f"token_file {c['token_file']} is readable or writable by everyone "
                     f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {c['token_file']}"
                 )
-        listen = c["listen_interfaces"] or f"0.0.0.0:{c['listen_port']}"
-        self.session = make_session(
-            lan_settings(
-                listen,
-                upload_rate_limit=c["upload_rate_limit"],
-                announce_ip=c["announce_ip"],
-                seeder=True,
-                fingerprint="-MS0100-",
-            )
-        )
-        self.pump = AlertPump(self.session, self._alert)
-        self.client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self.start_session(seeder=True, timeout=aiohttp.ClientTimeout(total=10))
         self._restore()
         self.http = await httpserver.serve(self._app(), c["http_listen"], "torrent server")
-        self.watcher = DropWatcher(
-            self.drop_dir,
-            on_ready=self._dropped,
-            on_gone=self._gone,
-            on_refused=self._refused,
-            ignore_suffixes=tuple(c["ignore_suffixes"]),
+        self.start_watcher(
+            self.drop_dir, on_ready=self._dropped, on_gone=self._gone, on_refused=self._refused
         )
-        try:
-            self.watcher.start()
-        except OSError as exc:
-            raise runtime.StartupError(str(exc)) from None
 
     async def stop(self) -> None:
-        if self.watcher:
-            self.watcher.stop()
-        for task in list(self.hashing.values()) + list(self.tasks):
+        for task in list(self.hashing.values()):
             task.cancel()
-        if self.http:
-            await self.http.cleanup()
-        if self.client:
-            await self.client.close()
-        self.session = None  # the pump holds the last reference and shuts libtorrent down
-        if self.pump:
-            self.pump.close()
-        if self.session:
-            self.session.pause()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-    async def reload(self, cfg) -> None:
-        self.cfg = cfg
-        c = cfg["seeder"]
-        apply_rate_limits(self.session, c["upload_rate_limit"], 0)
-        if self.watcher:
-            self.watcher.ignore_suffixes = tuple(c["ignore_suffixes"])
+        await super().stop()
 
     def status(self) -> str:
         seeding = len(self.deploys)
@@ -313,7 +266,7 @@ class SeederService(runtime.Service):
         self.published_total += 1
         self.metrics.deploy_completed(time.monotonic() - started)
         log.info("deploy %s published at %s", name, self.torrent_url(name))
-        self._spawn(self._register(deploy, made.data))
+        self.spawn(self._register(deploy, made.data))
 
     def _seed(self, deploy: Deploy, parsed: torrent.Torrent) -> None:
         params = lt.add_torrent_params()
@@ -404,7 +357,7 @@ class SeederService(runtime.Service):
 
     def _unregister(self, deploy: Deploy) -> None:
         if self.token:
-            self._spawn(self._unregister_async(deploy))
+            self.spawn(self._unregister_async(deploy))
 
     async def _unregister_async(self, deploy: Deploy) -> None:
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -414,11 +367,6 @@ class SeederService(runtime.Service):
                     pass
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 log.warning("deploy %s: unregistering from %s failed: %s", deploy.name, url, exc)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     # --- libtorrent alerts ------------------------------------------------------------
 
