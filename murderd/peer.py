@@ -165,6 +165,9 @@ class PeerService(SwarmService):
                 self.destination_dir,
             )
         self.start_session()
+        # peer_ban_alert: a peer libtorrent banned for corrupt data (see _banned).
+        mask = self.session.get_settings()["alert_mask"] | lt.alert.category_t.peer_notification
+        self.session.apply_settings({"alert_mask": mask})
         self._restore()
         if c["http_listen"]:
             self.http = await httpserver.serve(self._app(), c["http_listen"], "peer endpoint")
@@ -492,10 +495,44 @@ class PeerService(SwarmService):
             log.log(logging.DEBUG if stalled else logging.ERROR, "libtorrent: %s", alert.message())
             if deploy and deploy.state in ("downloading", "stalled"):
                 self._stall(deploy, alert)
+        elif isinstance(alert, lt.peer_ban_alert):
+            self._banned(deploy, alert)
         elif isinstance(alert, (lt.tracker_error_alert, lt.listen_failed_alert)):
             log.warning("libtorrent: %s", alert.message())
         else:
             log.debug("libtorrent: %s", alert.message())
+
+    def _banned(self, deploy: PeerDeploy | None, alert) -> None:
+        """libtorrent banned a peer that sent corrupt data: make the ban stick.
+
+        libtorrent bans an address and port: the same host connecting back from another port
+        (allow_multiple_connections_per_ip, which the LAN settings need, lets it) was served
+        again and sent more bad pieces.  Block the address for the whole session, unless other
+        peers share it (several daemons behind one address) or it is a seeder.
+        """
+        ip, port = alert.endpoint[0], alert.endpoint[1]
+        pid = alert.pid.to_bytes()
+        name = deploy.name if deploy else alert.torrent_name
+        shared = any(
+            other.ip[0] == ip and other.pid.to_bytes() != pid
+            for d in self.deploys.values()
+            if d.handle is not None and d.handle.is_valid()
+            for other in d.handle.get_peer_info()
+        )
+        if shared or pid.startswith(SEEDER_FINGERPRINT):
+            why = "a seeder" if not shared else "its address is shared with other peers"
+            log.error("deploy %s: peer %s:%d sent corrupt data: banned (%s)", name, ip, port, why)
+            return
+        blocked = self.session.get_ip_filter()
+        blocked.add_rule(ip, ip, 1)
+        self.session.set_ip_filter(blocked)
+        log.error(
+            "deploy %s: peer %s:%d sent corrupt data: banned, and %s blocked until restart",
+            name,
+            ip,
+            port,
+            ip,
+        )
 
     def _stall(self, deploy: PeerDeploy, alert) -> None:
         """A disk error (e.g. staging full): record it, retry until it clears."""
