@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from faultkit import (
+from deploykit import (
     DestinationWatcher,
     MiB,
     fill,

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from faultkit import (
+from deploykit import (
     DestinationWatcher,
     MiB,
     give,

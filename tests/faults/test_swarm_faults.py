@@ -12,7 +12,7 @@ import signal
 import time
 import urllib.request
 
-from faultkit import (
+from deploykit import (
     DestinationWatcher,
     MiB,
     give,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -14,31 +13,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from deploykit import MiB, random_file, sha256, state_of
 
 from murderd import torrent
 from murderd.localfleet import wait_for
-
-MiB = 1 << 20
-
-
-def random_file(path: Path, size: int) -> str:
-    data = os.urandom(size)
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256(path: Path) -> str:
-    return torrent.sha256_file(path)
 
 
 def index(fleet) -> list[dict]:
     with urllib.request.urlopen(f"{fleet.seeder_url}/index.json", timeout=10) as resp:
         return json.load(resp)["deploys"]
-
-
-def state_of(fleet, peer: int, name: str) -> dict | None:
-    states = [s for s in fleet.peer_states(peer) if s["name"] == name]
-    return states[-1] if states else None
 
 
 def test_six_peers_feed_each_other(fleet_factory, tmp_path):

@@ -1,4 +1,4 @@
-"""Helpers of the fault tests: files, peer states, small filesystems, watching a destination.
+"""Helpers of the deploy and fault tests: files, peer states, small filesystems, watching.
 
 Everything waits on conditions (murderd.localfleet.wait_for), never on fixed sleeps.
 """
