@@ -7,13 +7,11 @@ import json
 import os
 import signal
 import tarfile
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from deploykit import MiB, random_file, sha256, state_of
+from deploykit import DestinationWatcher, MiB, random_file, sha256, state_of
 
 from murderd import torrent
 from murderd.localfleet import wait_for
@@ -241,25 +239,7 @@ def test_destination_never_partial_and_kill_resume(fleet_factory, tmp_path):
     fleet.drop(tmp_path / "big.bin")
     fleet.distribute("big.bin")
     dest_dir = fleet.peer_destination(0)
-    seen_partial = []
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            for entry in dest_dir.iterdir():
-                if entry.name.startswith("."):
-                    continue
-                try:
-                    got = entry.stat().st_size
-                except FileNotFoundError:
-                    continue
-                if got != size:
-                    seen_partial.append((entry.name, got))
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with DestinationWatcher(dest_dir, {"big.bin": size}) as watcher:
         wait_for(
             lambda: (s := state_of(fleet, 0, "big.bin")) and s["progress"] >= 0.5,
             60,
@@ -275,11 +255,8 @@ def test_destination_never_partial_and_kill_resume(fleet_factory, tmp_path):
         fleet.peers[0].start()
         dest = dest_dir / "big.bin"
         wait_for(dest.exists, 60, what="the resumed download to complete")
-    finally:
-        stop.set()
-        watcher.join(5)
     assert sha256(dest) == want
-    assert seen_partial == []
+    assert watcher.partial == []
     state = state_of(fleet, 0, "big.bin")
     fetched_after_restart = state["bytes_from_seeder"] + state["bytes_from_peers"]
     assert fetched_after_restart < 0.7 * size, f"re-downloaded {fetched_after_restart} bytes"
