@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -222,6 +223,16 @@ def load(path: str | os.PathLike | None = None) -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(values, files, origin)
+
+
+def load_or_report(path: str | os.PathLike | None, prog: str) -> Config | None:
+    """load(); on failure print each problem as one line on stderr and return None."""
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"{prog}: config error: {line}", file=sys.stderr)
+        return None
 
 
 def _sanity(values: dict, origin: dict) -> list[str]:

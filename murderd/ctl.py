@@ -40,11 +40,8 @@ class UnknownDeploy(CtlError):
 
 
 def cmd_check_config(args) -> int:
-    try:
-        cfg = config.load(args.config)
-    except config.ConfigError as exc:
-        for line in exc.problems:
-            print(f"murderctl: config error: {line}", file=sys.stderr)
+    cfg = config.load_or_report(args.config, "murderctl")
+    if cfg is None:
         return config.EX_CONFIG
     sys.stdout.write(cfg.render())
     return 0

@@ -272,11 +272,8 @@ def run(service_cls, argv: list[str] | None = None) -> int:
     """Entry point of a daemon: parse args, load config, log, serve until stopped."""
     prog = f"murder-{service_cls.name}"
     args = parse_args(prog, argv)
-    try:
-        cfg = config.load(args.config)
-    except config.ConfigError as exc:
-        for line in exc.problems:
-            print(f"{prog}: config error: {line}", file=sys.stderr)
+    cfg = config.load_or_report(args.config, prog)
+    if cfg is None:
         return config.EX_CONFIG
     if os.geteuid() == 0 and not cfg["daemon"]["allow_root"]:
         where = cfg.source("daemon", "allow_root")
