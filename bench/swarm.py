@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from murderd import fsutil, torrent
-from murderd.localfleet import Daemon, write_config
+from murderd.localfleet import Daemon, write_config, write_peer_config
 from murderd.lt import bdecode
 
 from .common import Processes, limit_seconds, override_env, proc_cpu_seconds
@@ -179,23 +179,13 @@ def run_murderd(
     for host in range(1, peers + 1):
         base = root / f"peer{host}"
         peer_dirs.append(base)
-        cfg = write_config(
+        follow_url = f"http://{seeder_ip}:{SEEDER_HTTP_PORT}/index.json"
+        cfg = write_peer_config(
             base,
-            {
-                "log": log_cfg,
-                "peer": {
-                    "drop_dir": str(base / "drop"),
-                    "staging_dir": str(base / "staging"),
-                    "destination_dir": str(base / "dest"),
-                    "state_dir": str(base / "state"),
-                    "listen_interfaces": f"{bed.address(host)}:{BT_PORT}",
-                    "linger_seconds": 60,
-                    "follow": f"http://{seeder_ip}:{SEEDER_HTTP_PORT}/index.json"
-                    if mode == "follow"
-                    else "",
-                    "follow_interval": 1,
-                },
-            },
+            log_cfg,
+            f"{bed.address(host)}:{BT_PORT}",
+            follow_url if mode == "follow" else "",
+            linger_seconds=60,
         )
         daemons.append(Daemon("peer", cfg, base, env, bed.exec_prefix(host)))
     name = source.name

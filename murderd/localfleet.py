@@ -71,6 +71,26 @@ def write_config(directory: Path, sections: dict | None = None, name: str = "mur
     return path
 
 
+def write_peer_config(base: Path, log: dict, listen: str, follow_url: str = "", **peer) -> Path:
+    """A peer's config with its directories under base (drop, staging, dest, state)."""
+    return write_config(
+        base,
+        {
+            "log": log,
+            "peer": {
+                "drop_dir": str(base / "drop"),
+                "staging_dir": str(base / "staging"),
+                "destination_dir": str(base / "dest"),
+                "state_dir": str(base / "state"),
+                "listen_interfaces": listen,
+                "follow": follow_url,
+                "follow_interval": 1,
+                **peer,
+            },
+        },
+    )
+
+
 class Daemon:
     """One murderd daemon as a subprocess, with its own sd_notify socket."""
 
@@ -250,22 +270,12 @@ class LocalFleet:
             base = self.root / f"peer{index + 1}"
             self.peer_dirs.append(base)
             self.peer_configs.append(
-                write_config(
+                write_peer_config(
                     base,
-                    {
-                        "log": log,
-                        "peer": {
-                            "drop_dir": str(base / "drop"),
-                            "staging_dir": str(base / "staging"),
-                            "destination_dir": str(base / "dest"),
-                            "state_dir": str(base / "state"),
-                            "listen_interfaces": f"127.0.0.1:{free_port()}",
-                            "linger_seconds": 5,
-                            "follow": f"{self.seeder_url}/index.json" if follow else "",
-                            "follow_interval": 1,
-                            **(peer or {}),
-                        },
-                    },
+                    log,
+                    f"127.0.0.1:{free_port()}",
+                    f"{self.seeder_url}/index.json" if follow else "",
+                    **{"linger_seconds": 5, **(peer or {})},
                 )
             )
         self.tracker = Daemon("tracker", self.tracker_config, self.root / "tracker")
