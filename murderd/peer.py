@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 ACTIVE = ("queued", "downloading", "stalled", "verifying", "placing", "seeding")
 SEEDER_FINGERPRINT = b"-MS"
 RETRY_ERROR_SECONDS = 10
+RETRY_MIN_FREE = 4 * 1024 * 1024  # a full staging filesystem counts as freed above this
 STATE_WRITE_SECONDS = 2.0
 FREE_SPACE_MARGIN = 16 * 1024 * 1024
 FAMILY = re.compile(r"^(.+?)[-_]v?[0-9]")
@@ -96,6 +97,7 @@ class PeerDeploy:
         self.peer_bytes: dict = {}  # (ip, port) -> [is_seeder, total_download]
         self.linger_timer = None
         self.retry_timer = None
+        self.stall_enospc = False  # the stall is a full staging filesystem
         self.top_band: list[int] = []  # staggered start: preferred pieces, until had
 
     def record(self) -> dict:
@@ -538,11 +540,15 @@ class PeerService(SwarmService):
         """A disk error (e.g. staging full): record it, retry until it clears."""
         error = alert.error
         text = error.message()
-        if error.value() == errno.ENOSPC:
+        deploy.stall_enospc = error.value() == errno.ENOSPC
+        if deploy.stall_enospc:
             text = f"no space left on {self.staging_dir}"
         if deploy.state == "stalled" and deploy.retry_timer is not None:
             return  # already recorded; the retry is scheduled
         self._set_state(deploy, "stalled", f"{text}; retrying every {RETRY_ERROR_SECONDS}s")
+        self._schedule_retry(deploy)
+
+    def _schedule_retry(self, deploy: PeerDeploy) -> None:
         if deploy.retry_timer is None:
             deploy.retry_timer = asyncio.get_running_loop().call_later(
                 RETRY_ERROR_SECONDS, self._retry, deploy
@@ -552,12 +558,28 @@ class PeerService(SwarmService):
         deploy.retry_timer = None
         if deploy.state != "stalled" or deploy.handle is None or not deploy.handle.is_valid():
             return
+        if deploy.stall_enospc:
+            try:
+                free = fsutil.free_bytes(self.staging_dir)
+            except OSError:
+                free = 0
+            if free < RETRY_MIN_FREE:
+                # Still full: stay stalled (what the operator must see) and look again later.
+                log.debug(
+                    "deploy %s: %s still has %d bytes free", deploy.name, self.staging_dir, free
+                )
+                self._schedule_retry(deploy)
+                return
         log.info("deploy %s: retrying after: %s", deploy.name, deploy.error)
         deploy.handle.clear_error()
         # A failed write (disk full, read-only) puts the torrent in upload mode rather than
         # in error, and only auto-managed torrents ever leave it by themselves.
         deploy.handle.unset_flags(lt.torrent_flags.upload_mode)
         deploy.handle.resume()
+        # Its sources may have come and gone while it waited (a restarted seeder): ask the
+        # tracker again now rather than at the next interval.
+        deploy.handle.force_reannounce()
+        deploy.stall_enospc = False
         self._set_state(deploy, "downloading")
 
     async def _tick_loop(self) -> None:
