@@ -136,6 +136,12 @@ def test_config_files_are_noreplace(rpm_build):
         assert "c" not in flags[f"/usr/lib/systemd/system/{unit}"]
 
 
+def test_license_ships_as_a_license_file(rpm_build):
+    licenses = qp(rpm_build.rpm, "-L").split()
+    assert any(path.endswith("/LICENSE") for path in licenses), licenses
+    assert qp(rpm_build.rpm, "--qf", "%{LICENSE}") == "Apache-2.0"
+
+
 def test_scriptlets(rpm_build):
     scripts = qp(rpm_build.rpm, "--scripts")
     sections = dict(
