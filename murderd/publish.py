@@ -29,9 +29,16 @@ class PlacementError(Exception):
 
 
 def check_destination(destination: Path, relpaths: list[str]) -> None:
-    """Refuse when any path a deploy would occupy goes through or onto a symlink."""
+    """Refuse when any path a deploy would occupy goes through or onto a symlink.
+
+    Names starting with TMP_PREFIX are murderd's own in the destination (temporary names
+    while placing, and by default the peer's staging_dir): no deploy may take one.
+    """
     root = destination.resolve()
     for rel in relpaths:
+        top = PurePosixPath(rel).parts[0] if PurePosixPath(rel).parts else ""
+        if top.startswith(TMP_PREFIX):
+            raise PlacementError(f"{top!r}: names starting with {TMP_PREFIX!r} are murderd's own")
         current = destination
         for part in PurePosixPath(rel).parts:
             current = current / part

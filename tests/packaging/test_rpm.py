@@ -48,7 +48,7 @@ OWNED = {
     "/var/lib/murderd/publish": ("drwxr-x---", "murderd", "murderd"),
     "/var/lib/murderd/seeder": ("drwxr-x---", "murderd", "murderd"),
     "/var/lib/murderd/peer": ("drwxr-x---", "murderd", "murderd"),
-    "/var/lib/murderd/peer/staging": ("drwxr-x---", "murderd", "murderd"),
+    "/srv/murderd/.murderd-staging": ("drwxr-x---", "murderd", "murderd"),
     "/var/lib/murderd/peer/state": ("drwxr-x---", "murderd", "murderd"),
     "/var/log/murderd": ("drwxr-x---", "murderd", "murderd"),
     "/var/spool/murderd": ("drwxr-xr-x", "root", "root"),

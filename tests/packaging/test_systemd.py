@@ -250,6 +250,10 @@ def test_drop_by_a_murderd_group_member_reaches_the_peer_destination(daemons):
     dropped = daemons.root / drop.lstrip("/") / "release-1.bin"
     placed = daemons.root / "srv/murderd/release-1.bin"
     wait_for(placed.exists, 90, what=f"{placed} (peer log: {log_path(daemons, 'peer')})")
+    # Placed by a hard link from staging (the peer keeps seeding it for linger_seconds, 30 s
+    # by default), not a copy: the default staging_dir is on the destination's mount.
+    assert placed.stat().st_nlink == 2, "placed by copying: staging and destination differ"
+    assert "cannot hard-link" not in read(log_path(daemons, "peer"))
     digest = hashlib.sha256(dropped.read_bytes()).hexdigest()
     assert hashlib.sha256(placed.read_bytes()).hexdigest() == digest
 

@@ -8,7 +8,8 @@ is bencoding cut or nested on purpose; nothing is random, so running this again 
 same bytes (tests/hostile/test_hostile_torrents.py checks that the committed files are
 what this script writes).  expected.json maps each file to a fragment of the reason a peer
 must give when it refuses it; "setup" names a symlink the test puts in the destination
-first (the torrent itself is harmless, the destination is not).
+first (the torrent itself is harmless, the destination is not); "placement" marks a harmless
+torrent refused by the destination check alone (a name reserved for murderd).
 """
 
 from __future__ import annotations
@@ -179,6 +180,11 @@ def corpus() -> dict[str, tuple[bytes, dict]]:
         "lands-in-symlinked-dir.torrent": (
             multi([entry(b"conf", b"app.cfg")], name=b"site"),
             {"reason": "symlink", "setup": "site/conf"},
+        ),
+        # -- a harmless torrent named like the peer's own staging dir inside the destination
+        "takes-murderd-name.torrent": (
+            multi([entry(b"x.bin")], name=b".murderd-staging"),
+            {"reason": "murderd's own", "placement": True},
         ),
     }
     out = {}
