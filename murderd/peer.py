@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp import web
@@ -41,6 +42,7 @@ RETRY_ERROR_SECONDS = 10
 RETRY_MIN_FREE = 4 * 1024 * 1024  # a full staging filesystem counts as freed above this
 STATE_WRITE_SECONDS = 2.0
 FREE_SPACE_MARGIN = 16 * 1024 * 1024
+FOLLOW_WAIT = 25.0  # how long a follow long poll asks the seeder to hold index.json
 FAMILY = re.compile(r"^(.+?)[-_]v?[0-9]")
 
 
@@ -302,22 +304,53 @@ class PeerService(SwarmService):
         self._accept(data, source=url, drop_path=path)
 
     async def _follow_loop(self) -> None:
+        """Poll the followed index.json; long-poll it when the server is a murder-seeder.
+
+        A murder-seeder's index carries a generation: the peer asks it to hold the answer
+        until the generation moves on (a deploy published or removed), so a new deploy is
+        seen at once however long follow_interval is.  Any other server (a plain file behind
+        nginx, an older seeder) is polled every follow_interval.
+        """
+        generation = None
         while True:
             c = self.cfg["peer"]
+            delay = c["follow_interval"]
             if c["follow"]:
+                started = time.monotonic()
                 try:
-                    await self._follow_once(c["follow"])
+                    seen = await self._follow_once(c["follow"], generation)
                 except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
                     log.warning("follow %s: %s", c["follow"], exc or type(exc).__name__)
-            await asyncio.sleep(c["follow_interval"])
+                    seen = None
+                # Go straight back to waiting, unless the server answered an unchanged
+                # generation at once (it does not hold requests: plain polling, then).
+                quick = time.monotonic() - started < 0.5
+                if seen is not None and (seen != generation or not quick):
+                    delay = 0
+                generation = seen
+            if delay:
+                await asyncio.sleep(delay)
 
-    async def _follow_once(self, url: str) -> None:
+    async def _follow_once(self, url: str, generation: str | None) -> str | None:
+        """Fetch the index (held until it changes when generation is given); start new deploys.
+
+        Returns the index's generation, or None when the server does not give one or a
+        torrent could not be fetched (then the index is read again after follow_interval).
+        """
+        wait = min(FOLLOW_WAIT, self.cfg["peer"]["url_timeout"] / 2)
+        if generation is not None and wait >= 1:
+            parts = urlsplit(url)
+            query = urlencode({"after": generation, "wait": f"{wait:g}"})
+            url = urlunsplit(parts._replace(query=f"{parts.query}&{query}".lstrip("&")))
         index = await self._fetch(url)
         try:
-            deploys = json.loads(index)["deploys"]
+            parsed = json.loads(index)
+            deploys = parsed["deploys"]
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"not a seeder index: {exc}") from None
-        for item in deploys:
+        seen = parsed.get("generation")
+        seen = seen if isinstance(seen, str) and len(seen) <= 100 else None
+        for item in deploys if isinstance(deploys, list) else []:
             if not isinstance(item, dict):
                 continue
             info_hash, torrent_url = item.get("info_hash"), item.get("url")
@@ -332,8 +365,10 @@ class PeerService(SwarmService):
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
                 log.warning("follow: cannot fetch %s: %s", torrent_url, exc)
                 self.follow_seen.discard(info_hash)
+                seen = None
                 continue
             self._accept(data, source=torrent_url, drop_path=None)
+        return seen
 
     def _reject_file(self, path: Path, reason: str) -> None:
         """Quarantine a dropped file in rejected/ with a .reason file beside it."""

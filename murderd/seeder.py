@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "deploys.json"
 REGISTER_RETRY_SECONDS = (1, 2, 5, 10, 30)
+INDEX_MAX_WAIT = 60.0  # longest a GET /index.json?wait= is held open (seconds)
 
 
 class Deploy:
@@ -79,6 +80,13 @@ class SeederService(SwarmService):
         self.token = ""
         self.published_total = 0
         self.metrics = metrics.DaemonMetrics("seeder", lambda: self.session)
+        # index.json's generation: changes whenever the list of deploys does.  Unique to this
+        # process, so that a follower holding a generation from before a restart is answered
+        # at once.
+        self.index_boot = os.urandom(4).hex()
+        self.index_count = 0
+        self.index_changed: asyncio.Event | None = None
+        self.index_closed = False
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -108,6 +116,8 @@ class SeederService(SwarmService):
     async def stop(self) -> None:
         for task in list(self.hashing.values()):
             task.cancel()
+        self.index_closed = True
+        self._wake_index_waiters()  # answer the followers waiting on index.json now
         await super().stop()
 
     def status(self) -> str:
@@ -132,6 +142,34 @@ class SeederService(SwarmService):
     def _save_state(self) -> None:
         data = {name: d.record() for name, d in self.deploys.items()}
         fsutil.atomic_write_json(self._state_path(), {"version": 1, "deploys": data})
+        self._index_changed()
+
+    # --- index.json long polling ------------------------------------------------------
+
+    @property
+    def index_generation(self) -> str:
+        return f"{self.index_boot}-{self.index_count}"
+
+    def _index_changed(self) -> None:
+        """The deploy list changed: a new generation, and every waiting follower answered."""
+        self.index_count += 1
+        self._wake_index_waiters()
+
+    def _wake_index_waiters(self) -> None:
+        if self.index_changed is not None:
+            self.index_changed.set()
+            self.index_changed = None
+
+    async def _index_wait(self, after: str, wait: float) -> None:
+        """Hold a GET /index.json?after=G&wait=S until the generation moves on or S passes."""
+        if after != self.index_generation or self.index_closed or not wait > 0:
+            return
+        if self.index_changed is None:
+            self.index_changed = asyncio.Event()
+        try:
+            await asyncio.wait_for(self.index_changed.wait(), min(wait, INDEX_MAX_WAIT))
+        except asyncio.TimeoutError:
+            pass
 
     def _restore(self) -> None:
         """Seed what was published before a restart; unchanged files are not rehashed."""
@@ -409,7 +447,19 @@ class SeederService(SwarmService):
         return out
 
     async def _index(self, request: web.Request) -> web.Response:
-        return web.json_response({"deploys": self.index()})
+        """The deploys; with ?after=GENERATION&wait=SECONDS, a long poll (followers use it).
+
+        Without the parameters (or with ones it cannot read) it answers at once, like the
+        plain file a web server would serve instead.
+        """
+        after = request.query.get("after")
+        if after is not None:
+            try:
+                wait = float(request.query.get("wait", "0"))
+            except ValueError:
+                wait = 0.0
+            await self._index_wait(after, wait)
+        return web.json_response({"generation": self.index_generation, "deploys": self.index()})
 
     async def _torrent_file(self, request: web.Request) -> web.StreamResponse:
         file = request.match_info["file"]

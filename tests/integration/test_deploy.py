@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
 import signal
+import subprocess
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -85,6 +87,62 @@ def test_follow_mode(fleet_factory, tmp_path):
         dest = fleet.peer_destination(peer) / "svc-2.3.bin"
         wait_for(dest.exists, 60, what=f"peer{peer + 1} to follow the deploy")
         assert sha256(dest) == want
+
+
+def fetch_index(fleet, query: str = "", timeout: float = 10) -> dict:
+    url = f"{fleet.seeder_url}/index.json{query}"
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.load(resp)
+
+
+def test_follow_long_polls_the_seeder(fleet_factory, tmp_path):
+    """With follow_interval at 10 minutes, only the long poll can bring the second deploy."""
+    fleet = fleet_factory(1, follow=True, peer={"follow_interval": 600}).start()
+    for name in ("svc-1.0.bin", "svc-1.1.bin"):
+        want = random_file(tmp_path / name, MiB)
+        fleet.drop(tmp_path / name)
+        dest = fleet.peer_destination(0) / name
+        wait_for(dest.exists, 60, what=f"the peer to follow {name}")
+        assert sha256(dest) == want
+
+
+def test_index_json_long_poll(fleet_factory, tmp_path):
+    fleet = fleet_factory(0).start()
+    first = fetch_index(fleet)
+    generation = first["generation"]
+    assert first["deploys"] == []
+    # Unchanged: held for wait= seconds, then the same generation.
+    assert fetch_index(fleet, f"?after={generation}&wait=0.2")["generation"] == generation
+    # Parameters it cannot use: answered at once, like a plain file.
+    for query in ("?after=other-0&wait=30", f"?after={generation}&wait=abc", "?wait=30"):
+        assert fetch_index(fleet, query, timeout=10)["deploys"] == []
+    # A deploy published while a request waits: answered with it and a new generation.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(fetch_index, fleet, f"?after={generation}&wait=50", 60)
+        random_file(tmp_path / "lib-3.0.bin", MiB)
+        fleet.drop(tmp_path / "lib-3.0.bin")
+        answer = held.result(timeout=60)
+    assert answer["generation"] != generation
+    assert [d["name"] for d in answer["deploys"]] == ["lib-3.0.bin"]
+    # A request held when the seeder stops is answered, and the stop is not held up.
+    generation = answer["generation"]
+    port = int(fleet.seeder_url.rsplit(":", 1)[1])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(fetch_index, fleet, f"?after={generation}&wait=50", 60)
+        wait_for(lambda: connections_to(port), 10, what="the held request's connection")
+        assert fleet.seeder.stop(timeout=20) == 0
+        assert held.result(timeout=30)["generation"] == generation
+
+
+def connections_to(port: int) -> int:
+    """Established TCP connections to a local port (ss, from iproute2)."""
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return len(out.splitlines())
 
 
 def _hostile_torrent(tmp_path: Path, name: bytes, files=None) -> bytes:
