@@ -1,4 +1,4 @@
-"""murder-tracker: the Service that ties the registry, the HTTP app and the disk together.
+"""murder-tracker: the Service that ties the registry, HTTP, UDP and the disk together.
 
 It learns deploys from ``*.torrent`` files in torrents_dir (watched with pyinotify: created,
 moved in, deleted, moved out) and from POST /register, whose registrations it keeps in
@@ -23,13 +23,16 @@ from aiohttp import web
 
 from .. import config, runtime, torrent
 from ..fsutil import atomic_write
-from . import http
+from . import http, udp
 from . import registry as reg
 from .http import TrackerHTTP
+from .udp import TrackerUDP
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "registrations.json"
+UDP_SECRET_FILE = "udp-secret"  # the key of the UDP tracker's connection ids
+NOT_KEPT = "UDP connection ids will not outlive a restart"
 STATE_VERSION = 1
 WATCH_MASK = (
     pyinotify.IN_CLOSE_WRITE
@@ -121,6 +124,8 @@ class TrackerService(runtime.Service):
         settings = cfg["tracker"]
         self.registry = reg.Registry(**self._registry_settings(settings))
         self.http = TrackerHTTP(self.registry, self, settings)
+        # BEP 15 over the same rules, registry and counters (bound in start()).
+        self.udp = TrackerUDP(self.http.core, self.http.metrics)
         self.torrents_dir = Path(settings["torrents_dir"])
         self.state_path = Path(settings["state_dir"]) / STATE_FILE
         self._files: dict[str, bytes] = {}  # torrent path -> info-hash it holds
@@ -155,6 +160,9 @@ class TrackerService(runtime.Service):
                     raise runtime.StartupError(
                         f"[tracker] {key} {settings[key]}: cannot create: {exc.strerror}"
                     ) from None
+            udp_listen = self._udp_listen(settings)
+            if udp_listen:
+                self._start_udp(udp_listen)
             self._load_state()
             self._queue = asyncio.Queue()
             self._watch()
@@ -169,10 +177,12 @@ class TrackerService(runtime.Service):
             await site.start()
         except BaseException:
             sock.close()
+            self.udp.close()
             raise
         log.info(
-            "tracker listening on %s (allowlist %s, registration %s, torrents_dir %s)",
+            "tracker listening on %s, UDP %s (allowlist %s, registration %s, torrents_dir %s)",
             settings["listen"],
+            udp_listen or "off",
             "on" if settings["allowlist"] else "off",
             "on" if self.http.token else "off",
             self.torrents_dir,
@@ -193,6 +203,48 @@ class TrackerService(runtime.Service):
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self.udp.close()
+
+    @staticmethod
+    def _udp_listen(settings: dict) -> str:
+        """Where the UDP tracker listens ("" when it is off)."""
+        if not settings["udp"]:
+            return ""
+        return settings["udp_listen"] or settings["listen"]
+
+    def _start_udp(self, listen: str) -> None:
+        key = "udp_listen" if self.cfg["tracker"]["udp_listen"] else "listen"
+        host, port = config.split_hostport(listen)
+        try:
+            sock = udp.bind_socket(host, port)
+        except OSError as exc:
+            raise runtime.StartupError(
+                f"cannot listen on {listen}/udp ([tracker] {key}; udp = no turns UDP off): "
+                f"{exc.strerror or exc}"
+            ) from None
+        self.udp.secret = self._udp_secret()
+        self.udp.open(sock)
+
+    def _udp_secret(self) -> bytes:
+        """The connection ids' key, kept in state_dir so that they outlive a restart."""
+        path = Path(self.cfg["tracker"]["state_dir"]) / UDP_SECRET_FILE
+        try:
+            secret = path.read_bytes()
+        except FileNotFoundError:
+            secret = b""
+        except OSError as exc:
+            log.warning("cannot read %s (%s): %s", path, exc.strerror, NOT_KEPT)
+            return os.urandom(udp.SECRET_BYTES)
+        if len(secret) == udp.SECRET_BYTES:
+            return secret
+        if secret:
+            log.warning("%s is not a %d-byte key: making a new one", path, udp.SECRET_BYTES)
+        secret = os.urandom(udp.SECRET_BYTES)
+        try:
+            atomic_write(path, secret, mode=0o600)
+        except OSError as exc:
+            log.warning("cannot write %s (%s): %s", path, exc.strerror, NOT_KEPT)
+        return secret
 
     async def reload(self, cfg: config.Config) -> None:
         self.cfg = cfg
@@ -202,7 +254,10 @@ class TrackerService(runtime.Service):
 
     def status(self) -> str:
         deploys, seeders, leechers = self.registry.counts()
-        return f"{deploys} deploys, {seeders + leechers} peers, {self.http.announces} announces"
+        line = f"{deploys} deploys, {seeders + leechers} peers, {self.http.announces} announces"
+        if self.udp.serving:
+            line += f" ({self.udp.announces} over UDP)"
+        return line
 
     async def _sweeper(self) -> None:
         """Expire silent peers everywhere (announces expire their own swarm as they go)."""

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import torrent
 from ..lt import bencode
+from . import announce as announce_rules
 from . import registry as reg
 
 log = logging.getLogger(__name__)
@@ -56,21 +57,8 @@ class Registrar(Protocol):
     def unregister(self, info_hash: bytes) -> bool: ...
 
 
-def normalize_ip(address: str) -> str:
-    """An IPv4-mapped IPv6 source (dual-stack socket) as plain IPv4."""
-    if address.startswith("::ffff:") and "." in address:
-        return address[7:]
-    return address
-
-
-def _in_networks(address: str | None, networks: list) -> bool:
-    if not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(normalize_ip(address).split("%", 1)[0])
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
+normalize_ip = announce_rules.normalize_ip
+_in_networks = announce_rules.in_networks
 
 
 def parse_query(raw: str, max_fields: int) -> dict[str, str]:
@@ -205,26 +193,12 @@ class TrackerHTTP:
         self.registry = registry
         self.registrar = registrar
         self.token: str | None = None  # None: registration is off
-        self.announces = 0
-        self.configure(settings)
-
         self.metrics = CollectorRegistry(auto_describe=True)
         self.metrics.register(_StateCollector(registry))
-        announces = Counter(
-            "murderd_tracker_announces",
-            "Announces by result",
-            ["result"],
-            registry=self.metrics,
-        )
-        self._announce_ok = announces.labels("ok")
-        self._announce_unknown = announces.labels("unknown_deploy")
-        self._announce_malformed = announces.labels("malformed")
-        scrapes = Counter(
-            "murderd_tracker_scrapes", "Scrapes by result", ["result"], registry=self.metrics
-        )
-        self._scrape_ok = scrapes.labels("ok")
-        self._scrape_unknown = scrapes.labels("unknown_deploy")
-        self._scrape_malformed = scrapes.labels("malformed")
+        # The announce and scrape rules and counters, shared with the UDP tracker.
+        self.core = announce_rules.Tracker(registry, settings, self.metrics)
+        self.configure(settings)
+
         self._registrations = Counter(
             "murderd_tracker_registrations",
             "POST/DELETE /register requests by result",
@@ -240,13 +214,13 @@ class TrackerHTTP:
         )
         self._latency = {name: latency.labels(name) for name in ("announce", "scrape", "stats")}
 
+    @property
+    def announces(self) -> int:
+        return self.core.announces
+
     def configure(self, settings: dict) -> None:
         """Take the live [tracker] keys (a config section dict)."""
-        self.interval = settings["interval"]
-        self.min_interval = settings["min_interval"]
-        self.numwant_default = settings["numwant_default"]
-        self.numwant_max = settings["numwant_max"]
-        self.trusted_networks = [ipaddress.ip_network(n) for n in settings["trusted_networks"]]
+        self.core.configure(settings)
         self.stats_networks = [ipaddress.ip_network(n) for n in settings["stats_networks"]]
 
     def make_app(self) -> web.Application:
@@ -274,19 +248,20 @@ class TrackerHTTP:
         plain code, testable and measurable on its own.
         """
         started = time.perf_counter()
-        self.announces += 1
+        self.core.announces += 1
         try:
             body = self._announce(raw_query, source)
         except Malformed as exc:
-            self._announce_malformed.inc()
+            self.core.announce_malformed.inc()
             log.debug("announce from %s refused: %s", source, exc)
             body = _failure_body(str(exc))
         self._latency["announce"].observe(time.perf_counter() - started)
         return body
 
     def _announce(self, raw_query: str, source: str | None) -> bytes:
+        core = self.core
         query = parse_query(raw_query, MAX_ANNOUNCE_FIELDS)
-        info_hash = self.registry.canonical(_binary20(query, "info_hash"))
+        info_hash = _binary20(query, "info_hash")
         peer_id = _binary20(query, "peer_id")
         port = _number(query, "port")
         if not 0 < port < 65536:
@@ -297,51 +272,36 @@ class TrackerHTTP:
         event = EVENTS.get(query.get("event", ""))
         if event is None:
             raise Malformed(f"unknown event {query['event'][:32]!r}")
-        numwant = min(_number(query, "numwant", self.numwant_default), self.numwant_max)
+        numwant = core.numwant(_number(query, "numwant", core.numwant_default))
         if not source:
             raise Malformed("no source address")
-        ip = normalize_ip(source)
-        claimed = query.get("ip")
-        if claimed and self.trusted_networks and _in_networks(ip, self.trusted_networks):
-            try:
-                ip = normalize_ip(str(ipaddress.ip_address(claimed)))
-            except ValueError:
-                raise Malformed(f"ip {claimed[:64]!r} is not an IP address") from None
-
-        registry = self.registry
-        now = time.monotonic()
-        deploy = registry.deploy(info_hash, now, create=event != reg.EVENT_STOPPED)
-        if deploy is None:
-            if event == reg.EVENT_STOPPED and (
-                info_hash in registry.known or not registry.allowlist
-            ):
-                deploy = reg.Deploy(info_hash, registry.known.get(info_hash))
-            else:
-                self._announce_unknown.inc()
-                # The deploy may be known in a moment (a torrent just published, a tracker
-                # just restarted): without an interval, libtorrent retries after 30 minutes.
-                return bencode(
-                    {
-                        b"failure reason": b"unknown deploy " + info_hash.hex().encode(),
-                        b"interval": self.min_interval,
-                        b"min interval": self.min_interval,
-                    }
-                )
         try:
-            peer = registry.announce(
-                deploy, peer_id, ip, port, uploaded, downloaded, left, event, now
-            )
+            ip = core.peer_ip(source, query.get("ip"))
+            answer = core.announce(
+                info_hash, peer_id, ip, port, uploaded, downloaded, left, event, numwant,
+                time.monotonic(),
+            )  # fmt: skip
         except ValueError as exc:
             raise Malformed(str(exc)) from None
-        self._announce_ok.inc()
+        if answer is None:
+            # The deploy may be known in a moment (a torrent just published, a tracker
+            # just restarted): without an interval, libtorrent retries after 30 minutes.
+            return bencode(
+                {
+                    b"failure reason": b"unknown deploy "
+                    + self.registry.canonical(info_hash).hex().encode(),
+                    b"interval": core.min_interval,
+                    b"min interval": core.min_interval,
+                }
+            )
+        deploy, chosen = answer
         reply = {
-            b"interval": self.interval,
-            b"min interval": self.min_interval,
+            b"interval": core.interval,
+            b"min interval": core.min_interval,
             b"complete": deploy.seeders,
             b"incomplete": deploy.leechers,
             b"downloaded": deploy.completed,
         }
-        chosen = registry.select(deploy, peer, numwant) if peer is not None else []
         if query.get("compact") == "0":
             no_peer_id = query.get("no_peer_id") == "1"
             peers = []
@@ -363,7 +323,7 @@ class TrackerHTTP:
         try:
             body = self._scrape(request)
         except Malformed as exc:
-            self._scrape_malformed.inc()
+            self.core.scrape_malformed.inc()
             response = _failure(str(exc))
         else:
             response = web.Response(body=body, content_type="text/plain")
@@ -384,32 +344,22 @@ class TrackerHTTP:
         for key, value in pairs:
             if key == "info_hash":
                 hashes.append(_binary20({key: value}, key))
-        registry = self.registry
-        now = time.monotonic()
-        if hashes:
-            deploys = []
-            for info_hash in hashes:
-                deploy = registry.find(registry.canonical(info_hash))
-                if deploy is not None:
-                    deploys.append((info_hash, deploy))
-            if not deploys:
-                self._scrape_unknown.inc()
-                unknown = ", ".join(h.hex() for h in hashes[:3])
-                return bencode({b"failure reason": f"unknown deploy {unknown}".encode()})
-        else:
-            registry.expire(now)
-            deploys = [(deploy.info_hash, deploy) for deploy in registry.all_deploys()]
+        core = self.core
+        deploys = [(h, d) for h, d in core.scrape(hashes, time.monotonic()) if d is not None]
+        if hashes and not deploys:
+            core.scrape_unknown.inc()
+            unknown = ", ".join(h.hex() for h in hashes[:3])
+            return bencode({b"failure reason": f"unknown deploy {unknown}".encode()})
         files = {}
         for asked, deploy in deploys:
-            registry.expire_deploy(deploy, now)
             files[asked] = {
                 b"complete": deploy.seeders,
                 b"incomplete": deploy.leechers,
                 b"downloaded": deploy.completed,
                 b"name": deploy.name.encode(),
             }
-        self._scrape_ok.inc()
-        return bencode({b"files": files, b"flags": {b"min_request_interval": self.min_interval}})
+        core.scrape_ok.inc()
+        return bencode({b"files": files, b"flags": {b"min_request_interval": core.min_interval}})
 
     # -- registration -------------------------------------------------------------------------
 

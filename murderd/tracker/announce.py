@@ -1,0 +1,139 @@
+"""Announce and scrape semantics, shared by the HTTP and the UDP tracker.
+
+The transports parse and encode; everything a tracker decides lives here, once: which
+deploys are answered (the allowlist, a hybrid deploy's v2 alias), whose ``ip`` claim is
+believed (trusted_networks), how many peers an announce gets (numwant_default, numwant_max)
+and which ones (the registry's selection: same subnet first, seeds get leechers only).
+The announce and scrape counters are shared too: both transports count into them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from prometheus_client import CollectorRegistry, Counter
+
+from . import registry as reg
+
+
+def normalize_ip(address: str) -> str:
+    """An IPv4-mapped IPv6 source (dual-stack socket) as plain IPv4."""
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
+def in_networks(address: str | None, networks: list) -> bool:
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(normalize_ip(address).split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+class Tracker:
+    """The registry plus the [tracker] rules; configure() applies them live."""
+
+    def __init__(self, registry: reg.Registry, settings: dict, metrics: CollectorRegistry):
+        self.registry = registry
+        self.announces = 0  # every announce handled, whatever the transport and result
+        self.configure(settings)
+        announces = Counter(
+            "murderd_tracker_announces",
+            "Announces by result (HTTP and UDP)",
+            ["result"],
+            registry=metrics,
+        )
+        self.announce_ok = announces.labels("ok")
+        self.announce_unknown = announces.labels("unknown_deploy")
+        self.announce_malformed = announces.labels("malformed")
+        scrapes = Counter(
+            "murderd_tracker_scrapes",
+            "Scrapes by result (HTTP and UDP)",
+            ["result"],
+            registry=metrics,
+        )
+        self.scrape_ok = scrapes.labels("ok")
+        self.scrape_unknown = scrapes.labels("unknown_deploy")
+        self.scrape_malformed = scrapes.labels("malformed")
+
+    def configure(self, settings: dict) -> None:
+        """Take the live [tracker] keys (a config section dict)."""
+        self.interval = settings["interval"]
+        self.min_interval = settings["min_interval"]
+        self.numwant_default = settings["numwant_default"]
+        self.numwant_max = settings["numwant_max"]
+        self.trusted_networks = [ipaddress.ip_network(n) for n in settings["trusted_networks"]]
+
+    def peer_ip(self, source: str, claimed: str | None) -> str:
+        """The address a peer is listed under: its source, or what it claims when trusted.
+
+        ValueError when a trusted source claims something that is not an IP address.
+        """
+        ip = normalize_ip(source)
+        if claimed and self.trusted_networks and in_networks(ip, self.trusted_networks):
+            try:
+                return normalize_ip(str(ipaddress.ip_address(claimed)))
+            except ValueError:
+                raise ValueError(f"ip {claimed[:64]!r} is not an IP address") from None
+        return ip
+
+    def numwant(self, asked: int | None) -> int:
+        if asked is None or asked < 0:
+            return self.numwant_default
+        return min(asked, self.numwant_max)
+
+    def announce(
+        self,
+        info_hash: bytes,
+        peer_id: bytes,
+        ip: str,
+        port: int,
+        uploaded: int,
+        downloaded: int,
+        left: int,
+        event: int,
+        numwant: int,
+        now: float,
+    ) -> tuple[reg.Deploy, list[reg.Peer]] | None:
+        """Record an announce: (its swarm, the peers to hand out), or None for an unknown deploy.
+
+        info_hash may be a hybrid deploy's v2 alias; numwant is already capped (numwant()).
+        ValueError for an address the registry cannot take.  Counts ok and unknown_deploy;
+        the caller counts malformed requests, which never get here.
+        """
+        registry = self.registry
+        info_hash = registry.canonical(info_hash)
+        deploy = registry.deploy(info_hash, now, create=event != reg.EVENT_STOPPED)
+        if deploy is None:
+            if event == reg.EVENT_STOPPED and (
+                info_hash in registry.known or not registry.allowlist
+            ):
+                deploy = reg.Deploy(info_hash, registry.known.get(info_hash))
+            else:
+                self.announce_unknown.inc()
+                return None
+        peer = registry.announce(deploy, peer_id, ip, port, uploaded, downloaded, left, event, now)
+        self.announce_ok.inc()
+        chosen = registry.select(deploy, peer, numwant) if peer is not None else []
+        return deploy, chosen
+
+    def scrape(self, hashes: list[bytes], now: float) -> list[tuple[bytes, reg.Deploy | None]]:
+        """(asked hash, its swarm or None when unknown) for each hash, peers expired first.
+
+        No hashes: every deploy.  The caller decides what an all-unknown scrape gets (and
+        counts it with scrape_unknown).
+        """
+        registry = self.registry
+        if not hashes:
+            registry.expire(now)
+            return [(deploy.info_hash, deploy) for deploy in registry.all_deploys()]
+        out = []
+        for info_hash in hashes:
+            deploy = registry.find(registry.canonical(info_hash))
+            if deploy is not None:
+                registry.expire_deploy(deploy, now)
+            out.append((info_hash, deploy))
+        return out

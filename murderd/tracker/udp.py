@@ -1,0 +1,359 @@
+"""The tracker's UDP interface: BEP 15 connect, announce, scrape and error, on the event loop.
+
+One datagram in, one out, no connection per announce: what makes UDP several times cheaper
+than HTTP per announce.  The rules (allowlist, trusted ``ip`` claims, numwant, peer
+selection) are the HTTP tracker's, from ``announce.Tracker``; only the encoding is here.
+
+Connection ids are stateless and cannot be forged: 8 bytes of keyed BLAKE2b over the
+source address and a 60 s time window.  An id is accepted for its own window and the two
+after it (2 to 3 minutes; BEP 15 asks for 2).  Not over the source port: libtorrent keeps
+one connection id per tracker address for the whole process, whichever socket announces.
+The key is kept in state_dir by the daemon, so a restarted tracker still accepts the ids
+it gave out (libtorrent would otherwise retry with a refused id for up to a minute).
+
+What is answered and what is dropped:
+
+- a connect whose protocol id is not BEP 15's magic, any unknown action, and any announce
+  or scrape shorter than its fixed part: dropped (counted; logged at debug, at most one
+  line a second).  Nothing that may be noise or a spoofed source gets a reply.
+- an announce or scrape with a bad or expired connection id: an error reply, ``bad
+  connection id`` (shorter than the request, so no amplification).
+- a well-formed request the tracker refuses (unknown deploy, bad event, port 0, too many
+  hashes): an error reply with the reason, as HTTP gives a ``failure reason``.
+
+An IPv4 source gets 6-byte peers (IPv4 ones); an IPv6 source 18-byte peers (IPv6 ones),
+as opentracker and libtorrent do: BEP 15's reply has no room for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import struct
+import time
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+
+from . import announce as announce_rules
+from . import registry as reg
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = struct.pack("!Q", 0x41727101980)
+ACTION_CONNECT = 0
+ACTION_ANNOUNCE = 1
+ACTION_SCRAPE = 2
+ACTION_ERROR = 3
+ACTION_NAMES = {ACTION_CONNECT: "connect", ACTION_ANNOUNCE: "announce", ACTION_SCRAPE: "scrape"}
+CONNECTION_WINDOW = 60.0  # seconds
+CONNECTION_WINDOWS = 3  # an id's own window and the two after it
+MAX_SCRAPE_HASHES = 74  # BEP 15: what fits a datagram
+SECRET_BYTES = 32
+READ_BATCH = 64  # datagrams taken per event loop wakeup
+ID_CACHE_SIZE = 65536  # hosts whose current connection id is remembered
+RECV_SIZE = 4096  # larger datagrams arrive truncated (a scrape of 74 hashes is 1496 bytes)
+LOG_EVERY = 1.0  # seconds between debug lines about refused datagrams
+# BEP 15's event numbers (0 none, 1 completed, 2 started, 3 stopped) -> the registry's.
+EVENTS = (reg.EVENT_NONE, reg.EVENT_COMPLETED, reg.EVENT_STARTED, reg.EVENT_STOPPED)
+
+_HEADER = struct.Struct("!8sI4s")  # connection id, action, transaction id
+# info_hash, peer_id, downloaded, left, uploaded, event, ip, key, num_want, port
+_ANNOUNCE = struct.Struct("!20s20sqqqIIIiH")
+ANNOUNCE_SIZE = _HEADER.size + _ANNOUNCE.size  # 98; BEP 41 options may follow, ignored
+_ANNOUNCE_REPLY = struct.Struct("!I4sIII")  # action, transaction id, interval, leechers, seeders
+_REPLY_HEAD = struct.Struct("!I4s")  # action, transaction id
+_SCRAPE_ENTRY = struct.Struct("!III")  # seeders, completed, leechers
+_WINDOW = struct.Struct("!Q")
+_UINT32 = struct.Struct("!I")
+
+
+class Refused(ValueError):
+    """A well-formed request the tracker will not serve; str() is the error reply's text."""
+
+
+class _Counts:
+    """Datagrams by action and result, as Prometheus counters read at scrape time.
+
+    A plain dict on the hot path (a prometheus_client Counter takes a lock per increment).
+    """
+
+    def __init__(self, counts: collections.Counter):
+        self.counts = counts
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "murderd_tracker_udp_requests",
+            "UDP tracker datagrams by action and result",
+            labels=["action", "result"],
+        )
+        for (action, result), value in sorted(self.counts.items()):
+            family.add_metric([action, result], value)
+        yield family
+
+
+class TrackerUDP:
+    """The BEP 15 protocol over one datagram socket and the shared announce rules."""
+
+    def __init__(
+        self,
+        core: announce_rules.Tracker,
+        metrics: CollectorRegistry | None = None,
+        secret: bytes | None = None,
+    ):
+        self.core = core
+        self.secret = secret or os.urandom(SECRET_BYTES)
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.counts: collections.Counter = collections.Counter()
+        self.announces = 0
+        self._ids: dict[str, tuple[int, bytes]] = {}  # host -> (window, its id)
+        self._log_next = 0.0
+        self._log_skipped = 0
+        if metrics is not None:
+            metrics.register(_Counts(self.counts))
+
+    # -- connection ids -------------------------------------------------------------------------
+
+    def connection_id(self, host: str, window: int) -> bytes:
+        message = _WINDOW.pack(window) + host.encode()
+        return hashlib.blake2b(message, digest_size=8, key=self.secret).digest()
+
+    def current_connection_id(self, host: str, window: int) -> bytes:
+        """connection_id() for the current window, remembered per host (the hot path)."""
+        cached = self._ids.get(host)
+        if cached is None or cached[0] != window:
+            if len(self._ids) >= ID_CACHE_SIZE:
+                self._ids.clear()
+            cached = self._ids[host] = (window, self.connection_id(host, window))
+        return cached[1]
+
+    def valid_connection_id(self, given: bytes, host: str, now: float) -> bool:
+        window = int(now // CONNECTION_WINDOW)
+        if hmac.compare_digest(given, self.current_connection_id(host, window)):
+            return True
+        for age in range(1, CONNECTION_WINDOWS):
+            if hmac.compare_digest(given, self.connection_id(host, window - age)):
+                return True
+        return False
+
+    # -- the socket ---------------------------------------------------------------------------
+
+    @property
+    def serving(self) -> bool:
+        return self._sock is not None
+
+    def open(self, sock: socket.socket) -> None:
+        """Serve sock (bound, non-blocking) from the running event loop."""
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def _readable(self) -> None:
+        """Take up to READ_BATCH datagrams: one event loop wakeup for a burst of them.
+
+        Not asyncio's datagram transport: it reads one datagram per loop iteration (half
+        the CPU of an announce went there) and queues replies without bound when the socket
+        cannot take them.  Here a reply the socket cannot take at once is dropped, as any
+        datagram may be.
+        """
+        sock = self._sock
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = sock.recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. an ICMP error for an earlier reply
+                self._note("any", "socket_error", "-", str(exc))
+                return
+            self.datagram_received(data, addr)
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        try:
+            reply = self.handle(data, addr[0], time.time())
+        except Exception:  # a bug: keep serving, say so (rate-limited)
+            self.counts[("any", "internal_error")] += 1
+            now = time.monotonic()
+            if now >= self._log_next:
+                self._log_next = now + LOG_EVERY
+                log.exception("udp: error handling a datagram from %s", addr[0])
+            return
+        if reply is None:
+            return
+        try:
+            self._sock.sendto(reply, addr)
+        except (BlockingIOError, InterruptedError):
+            self.counts[("reply", "dropped")] += 1
+        except OSError as exc:
+            self._note("reply", "socket_error", addr[0], str(exc))
+
+    # -- the protocol ---------------------------------------------------------------------------
+
+    def handle(self, data: bytes, host: str, now: float) -> bytes | None:
+        """The reply to one datagram, or None to drop it.  Never raises for any input.
+
+        now is wall-clock time (connection ids outlive a restart); the registry's times
+        are monotonic.
+        """
+        size = len(data)
+        if size < _HEADER.size:
+            self._note("unknown", "malformed", host, f"{size}-byte datagram")
+            return None
+        given, action, tid = _HEADER.unpack_from(data)
+        if "%" in host:  # an IPv6 scope id (fe80::1%eth0): not part of the address
+            host = host.split("%", 1)[0]
+        if action == ACTION_ANNOUNCE:
+            if size < ANNOUNCE_SIZE:
+                self._note("announce", "malformed", host, f"{size}-byte announce")
+                return None
+        elif action == ACTION_SCRAPE:
+            if size < _HEADER.size + 20:
+                self._note("scrape", "malformed", host, f"{size}-byte scrape")
+                return None
+        elif action == ACTION_CONNECT:
+            if given != PROTOCOL_ID:
+                self._note("connect", "malformed", host, "not BEP 15's protocol id")
+                return None
+            self.counts[("connect", "ok")] += 1
+            window = int(now // CONNECTION_WINDOW)
+            return _REPLY_HEAD.pack(ACTION_CONNECT, tid) + self.current_connection_id(host, window)
+        else:
+            self._note("unknown", "malformed", host, f"action {action}")
+            return None
+        name = ACTION_NAMES[action]
+        if not self.valid_connection_id(given, host, now):
+            self._note(name, "bad_connection_id", host, "bad or expired connection id")
+            return self.error(tid, "bad connection id")
+        try:
+            if action == ACTION_ANNOUNCE:
+                return self.announce(data, tid, host, time.monotonic())
+            return self.scrape(data, tid, time.monotonic())
+        except Refused as exc:
+            self._note(name, "malformed", host, str(exc))
+            if action == ACTION_ANNOUNCE:
+                self.core.announce_malformed.inc()
+            else:
+                self.core.scrape_malformed.inc()
+            return self.error(tid, str(exc))
+
+    def announce(self, data: bytes, tid: bytes, host: str, now: float) -> bytes:
+        core = self.core
+        core.announces += 1
+        self.announces += 1
+        (
+            info_hash,
+            peer_id,
+            downloaded,
+            left,
+            uploaded,
+            event,
+            claimed,
+            _key,
+            numwant,
+            port,
+        ) = _ANNOUNCE.unpack_from(data, _HEADER.size)
+        if event >= len(EVENTS):
+            raise Refused(f"unknown event {event}")
+        if port == 0:
+            raise Refused("port 0 is outside 1-65535")
+        if downloaded < 0 or left < 0 or uploaded < 0:
+            raise Refused("downloaded, left and uploaded must not be negative")
+        try:
+            ip = core.peer_ip(host, socket.inet_ntoa(data[84:88]) if claimed else None)
+            answer = core.announce(
+                info_hash, peer_id, ip, port, uploaded, downloaded, left, EVENTS[event],
+                core.numwant(numwant), now,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+        if answer is None:
+            self.counts[("announce", "unknown_deploy")] += 1
+            return self.error(tid, "unknown deploy " + core.registry.canonical(info_hash).hex())
+        self.counts[("announce", "ok")] += 1
+        deploy, chosen = answer
+        head = _ANNOUNCE_REPLY.pack(
+            ACTION_ANNOUNCE, tid, core.interval, deploy.leechers, deploy.seeders
+        )
+        v6 = ":" in announce_rules.normalize_ip(host)
+        return head + b"".join([p.compact for p in chosen if p.v6 is v6])
+
+    def scrape(self, data: bytes, tid: bytes, now: float) -> bytes:
+        size = len(data) - _HEADER.size
+        if size % 20:
+            raise Refused("scrape length is not a whole number of info-hashes")
+        if size > 20 * MAX_SCRAPE_HASHES:
+            raise Refused(f"more than {MAX_SCRAPE_HASHES} info-hashes")
+        hashes = [data[i : i + 20] for i in range(_HEADER.size, len(data), 20)]
+        found = self.core.scrape(hashes, now)
+        if not any(deploy is not None for _, deploy in found):
+            self.counts[("scrape", "unknown_deploy")] += 1
+            self.core.scrape_unknown.inc()
+            return self.error(tid, "unknown deploy " + ", ".join(h.hex() for h in hashes[:3]))
+        self.counts[("scrape", "ok")] += 1
+        self.core.scrape_ok.inc()
+        entries = [
+            _SCRAPE_ENTRY.pack(d.seeders, d.completed, d.leechers) if d else bytes(12)
+            for _, d in found
+        ]
+        return _REPLY_HEAD.pack(ACTION_SCRAPE, tid) + b"".join(entries)
+
+    @staticmethod
+    def error(tid: bytes, message: str) -> bytes:
+        return _REPLY_HEAD.pack(ACTION_ERROR, tid) + message.encode()
+
+    def _note(self, action: str, result: str, host: str, reason: str) -> None:
+        """Count a refused datagram; one debug line a second at most (anyone can send them)."""
+        self.counts[(action, result)] += 1
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        now = time.monotonic()
+        if now < self._log_next:
+            self._log_skipped += 1
+            return
+        skipped, self._log_skipped = self._log_skipped, 0
+        self._log_next = now + LOG_EVERY
+        log.debug(
+            "udp %s from %s refused: %s%s",
+            action,
+            host,
+            reason,
+            f" ({skipped} more since the last line)" if skipped else "",
+        )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound datagram socket for host, port; [::] is dual-stack (IPv4 clients too).
+
+    OSError is the caller's to report (it knows which config key this is).
+    """
+    if host == "localhost":
+        host = "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        try:  # room for a burst of announces (the kernel caps it at net.core.rmem_max)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        except OSError:
+            pass
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
