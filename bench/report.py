@@ -69,26 +69,30 @@ def table(results: dict) -> str:
             f"\ntracker ({tracker.get('peers', 0):,} peers in {tracker.get('deploys')} deploys):"
         )
         lines.append(
-            f"  {'':14} {'burst/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'steady/s':>9} "
+            f"  {'':18} {'burst/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'µs CPU':>7} {'steady/s':>9} "
             f"{'p50 ms':>8} {'p99 ms':>8} {'RSS MiB':>8}"
         )
-        for name in ("murder-tracker", "opentracker"):
+        for name in ("murder-tracker", "opentracker", "murder-tracker-udp", "opentracker-udp"):
             t = tracker.get(name)
             if not t:
                 continue
             if t.get("error"):
-                lines.append(f"  {name:14} FAILED: {t['error']}")
+                lines.append(f"  {name:18} FAILED: {t['error']}")
                 continue
             b, s = t["burst"], t["steady"]
             lines.append(
-                f"  {name:14} {b['rate']:9.0f} {b['p50_ms']:8.2f} {b['p99_ms']:8.2f} "
+                f"  {name:18} {b['rate']:9.0f} {b['p50_ms']:8.2f} {b['p99_ms']:8.2f} "
+                f"{_fmt(b.get('tracker_cpu_us_per_announce'), '.0f'):>7} "
                 f"{s['rate']:9.0f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f} "
                 f"{t['rss'] / (1 << 20):8.1f}"
             )
-        if tracker.get("throughput_ratio") is not None:
-            lines.append(
-                f"  murder-tracker / opentracker throughput = {tracker['throughput_ratio']:.2f}"
-            )
+        for prefix, what in (("", "HTTP"), ("udp_", "UDP")):
+            if tracker.get(prefix + "throughput_ratio") is not None:
+                lines.append(
+                    f"  {what}: murder-tracker / opentracker throughput = "
+                    f"{tracker[prefix + 'throughput_ratio']:.2f}, CPU per announce "
+                    f"(opentracker's / ours) = {_fmt(tracker.get(prefix + 'cpu_efficiency_ratio'))}"
+                )
     mem = results.get("peer_memory")
     if mem:
         lines.append(

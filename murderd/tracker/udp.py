@@ -22,7 +22,7 @@ What is answered and what is dropped:
   hashes): an error reply with the reason, as HTTP gives a ``failure reason``.
 
 An IPv4 source gets 6-byte peers (IPv4 ones); an IPv6 source 18-byte peers (IPv6 ones),
-as opentracker and libtorrent do: BEP 15's reply has no room for both.
+the common practice (opentracker's): BEP 15's reply has no room for both.
 """
 
 from __future__ import annotations
