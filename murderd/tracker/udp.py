@@ -288,8 +288,11 @@ class TrackerUDP:
         head = _ANNOUNCE_REPLY.pack(
             ACTION_ANNOUNCE, tid, core.interval, deploy.leechers, deploy.seeders
         )
-        v6 = ":" in announce_rules.normalize_ip(host)
-        return head + b"".join([p.compact for p in chosen if p.v6 is v6])
+        size = 18 if ":" in announce_rules.normalize_ip(host) else 6
+        peers = b"".join([p.compact for p in chosen])
+        if len(peers) != size * len(chosen):  # both families: keep the asker's
+            peers = b"".join([p.compact for p in chosen if len(p.compact) == size])
+        return head + peers
 
     def scrape(self, data: bytes, tid: bytes, now: float) -> bytes:
         size = len(data) - _HEADER.size
