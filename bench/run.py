@@ -55,6 +55,9 @@ def parse_lt_set(items: list) -> dict:
         if key == "seed_flags":
             out["seed_flags"] = value.split(",")
             continue
+        if key == "trace_blocks":
+            out["trace_blocks"] = value
+            continue
         if scope not in ("all", "seeder", "peer"):
             raise argparse.ArgumentTypeError(f"{item}: scope must be seeder. or peer.")
         try:

@@ -47,3 +47,32 @@ if _raw:
                 deploy.handle.set_flags(getattr(_mlt.lt.torrent_flags, _flag))
 
         _seeder.SeederService._seed = _seed
+
+    # "trace_blocks": a directory; each peer writes "<seconds> <piece> <block> <from ip>" per
+    # block it receives into <dir>/<pid>.blocks (diagnosis: who sent which piece, and when).
+    _trace_dir = _overrides.get("trace_blocks")
+    if _trace_dir:
+        import time as _time
+
+        import murderd.peer as _peer
+
+        _original_alert = _peer.PeerService._alert
+        _original_start = _peer.PeerService.start
+
+        async def _start(self):
+            await _original_start(self)
+            mask = self.session.get_settings()["alert_mask"]
+            mask |= _mlt.lt.alert.category_t.block_progress_notification
+            self.session.apply_settings({"alert_mask": mask})
+            self._trace = open(os.path.join(_trace_dir, f"{os.getpid()}.blocks"), "w")  # noqa: SIM115
+
+        def _alert(self, alert):
+            if isinstance(alert, _mlt.lt.block_finished_alert):
+                self._trace.write(
+                    f"{_time.time():.4f} {alert.piece_index} {alert.block_index} {alert.ip[0]}\n"
+                )
+                return
+            _original_alert(self, alert)
+
+        _peer.PeerService.start = _start
+        _peer.PeerService._alert = _alert

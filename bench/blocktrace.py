@@ -1,0 +1,90 @@
+"""Who sent which block, and how much of the source's upload was spent twice.
+
+Diagnosis for the swarm benchmark: run it with ``--lt-set trace_blocks=DIR`` (each peer then
+writes one line per block it receives, see bench/ltoverride/sitecustomize.py), then
+
+    python3 -m bench.blocktrace DIR [--source IP] [--pieces FROM TO]
+
+prints, for the source (by default the address that sent the most blocks): how many times
+each piece left it, per second how many of its blocks went to a second or later peer
+("duplicates": upload that a peer could have forwarded instead), and per peer how much came
+from the source.  ``--pieces FROM TO`` lists which pieces each peer took from the source in
+that time window (seconds from the first block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+
+
+def read(directory: Path) -> list[tuple[float, int, int, int, str]]:
+    """(time, peer number, piece, block, sender ip) for every block every peer received."""
+    rows = []
+    for number, path in enumerate(sorted(directory.glob("*.blocks"))):
+        for line in path.read_text().splitlines():
+            t, piece, block, ip = line.split()
+            rows.append((float(t), number, int(piece), int(block), ip))
+    rows.sort()
+    return rows
+
+
+def report(rows, source: str | None = None, window: tuple[float, float] | None = None) -> str:
+    if not rows:
+        return "no blocks traced"
+    t0 = rows[0][0]
+    senders = collections.Counter(r[4] for r in rows)
+    source = source or senders.most_common(1)[0][0]
+    peers = sorted({r[1] for r in rows})
+    pieces = max(r[2] for r in rows) + 1
+    blocks_per_piece = max(r[3] for r in rows) + 1
+    from_source = [r for r in rows if r[4] == source]
+    first_taker: dict[int, int] = {}
+    takers: dict[int, set] = collections.defaultdict(set)
+    sent: collections.Counter = collections.Counter()
+    duplicate: collections.Counter = collections.Counter()
+    for t, peer, piece, _block, _ip in from_source:
+        first_taker.setdefault(piece, peer)
+        takers[piece].add(peer)
+        second = int(t - t0)
+        sent[second] += 1
+        if peer != first_taker[piece]:
+            duplicate[second] += 1
+    spread = collections.Counter(len(takers[p]) for p in range(pieces))
+    lines = [
+        f"source {source}: {len(from_source)} blocks = "
+        f"{len(from_source) / (pieces * blocks_per_piece):.2f} x the file "
+        f"({pieces} pieces of {blocks_per_piece} blocks)",
+        "pieces by the number of peers that took blocks of them from the source: "
+        + ", ".join(f"{n}: {count}" for n, count in sorted(spread.items())),
+        "second  source blocks  to a later peer",
+    ]
+    lines += [f"{s:6d}  {sent[s]:13d}  {duplicate[s]:15d}" for s in sorted(sent)]
+    for peer in peers:
+        mine = [r for r in rows if r[1] == peer]
+        share = sum(1 for r in mine if r[4] == source) / len(mine)
+        last = mine[-1][0] - t0
+        lines.append(f"peer {peer}: {share:.0%} from the source, last block at {last:.2f} s")
+    if window:
+        lo, hi = window
+        for peer in peers:
+            taken: list[int] = []
+            for t, p, piece, _b, _ip in from_source:
+                if p == peer and lo <= t - t0 < hi and (not taken or taken[-1] != piece):
+                    taken.append(piece)
+            lines.append(f"peer {peer} took from the source in [{lo}, {hi}) s: {taken[:40]}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--source", help="the source's address (default: the top sender)")
+    parser.add_argument("--pieces", nargs=2, type=float, metavar=("FROM", "TO"))
+    args = parser.parse_args()
+    print(report(read(args.directory), args.source, tuple(args.pieces) if args.pieces else None))
+
+
+if __name__ == "__main__":
+    main()

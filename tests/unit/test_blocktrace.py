@@ -1,0 +1,25 @@
+"""bench/blocktrace.py counts what the source sent twice (its input written here by hand)."""
+
+from __future__ import annotations
+
+from bench import blocktrace
+
+
+def test_counts_blocks_the_source_sent_to_a_second_peer(tmp_path):
+    # Two peers, two pieces of two blocks; the source is 10.0.0.1.  Piece 0 leaves the
+    # source twice (peer A, then peer B); piece 1 goes to A from the source and to B from A.
+    (tmp_path / "1.blocks").write_text(
+        "100.0 0 0 10.0.0.1\n100.1 0 1 10.0.0.1\n100.2 1 0 10.0.0.1\n100.3 1 1 10.0.0.1\n"
+    )
+    (tmp_path / "2.blocks").write_text(
+        "100.5 0 0 10.0.0.1\n101.2 0 1 10.0.0.1\n101.4 1 0 10.0.0.2\n101.5 1 1 10.0.0.2\n"
+    )
+    rows = blocktrace.read(tmp_path)
+    assert len(rows) == 8
+    out = blocktrace.report(rows, window=(0, 1)).splitlines()
+    assert out[0].startswith("source 10.0.0.1: 6 blocks = 1.50 x the file")
+    assert out[1].endswith("1: 1, 2: 1")
+    assert out[3].split() == ["0", "5", "1"]  # second 0: 5 blocks, 1 to a later peer
+    assert out[4].split() == ["1", "1", "1"]
+    assert "peer 1: 50% from the source, last block at 1.50 s" in out
+    assert out[-1].endswith("[0]")  # peer 1 took piece 0 from the source in the first second
