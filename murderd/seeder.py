@@ -352,10 +352,22 @@ class SeederService(SwarmService):
     # --- tracker registration ---------------------------------------------------------
 
     def _register_urls(self) -> list[str]:
+        """Where deploys are registered: each murder-tracker named in trackers, over HTTP.
+
+        A udp:// announce URL registers at http:// on the same host and port (murder-tracker
+        serves both on one port unless [tracker] udp_listen moves UDP elsewhere).
+        """
         urls = []
         for announce in self.cfg["seeder"]["trackers"]:
-            if announce.startswith("http") and announce.endswith("/announce"):
-                urls.append(announce[: -len("/announce")] + "/register")
+            if not announce.endswith("/announce"):
+                continue
+            base = announce[: -len("/announce")]
+            if base.startswith("udp://"):
+                base = "http://" + base[len("udp://") :]
+            elif not base.startswith(("http://", "https://")):
+                continue
+            if base + "/register" not in urls:
+                urls.append(base + "/register")
         return urls
 
     async def _register(self, deploy: Deploy, data: bytes) -> None:

@@ -435,3 +435,42 @@ def test_two_libtorrent_sessions_transfer_with_a_udp_tracker_only(start_tracker,
     finally:
         seeder.close()
         leecher.close()
+
+
+def test_a_fleet_deploys_through_the_udp_tracker_alone(fleet_factory, tmp_path):
+    """[seeder] trackers names only udp://: peers announce over UDP, and the seeder still
+    registers the deploy (over HTTP on the same port) with a tracker that could not learn
+    it any other way (its torrents_dir is not the seeder's publish_dir)."""
+    fleet = fleet_factory(2)
+    http_announce = f"{fleet.tracker_url}/announce"
+    udp_announce = http_announce.replace("http://", "udp://")
+    seeder_conf = fleet.seeder_config.read_text()
+    assert http_announce in seeder_conf
+    fleet.seeder_config.write_text(seeder_conf.replace(http_announce, udp_announce))
+    tracker_conf = fleet.tracker_config.read_text()
+    elsewhere = tmp_path / "tracker-torrents"
+    fleet.tracker_config.write_text(tracker_conf.replace(str(fleet.publish_dir), str(elsewhere)))
+    fleet.start()
+    data = os.urandom(3 * 1024 * 1024)
+    (tmp_path / "svc-4.0.bin").write_bytes(data)
+    fleet.drop(tmp_path / "svc-4.0.bin")
+    torrent_path = fleet.torrent_for("svc-4.0.bin")
+    assert udp_announce.encode() in torrent_path.read_bytes()
+    assert http_announce.encode() not in torrent_path.read_bytes()
+    fleet.distribute("svc-4.0.bin")
+    for peer in range(2):
+        placed = fleet.peer_destination(peer) / "svc-4.0.bin"
+        wait_for(placed.exists, 60, what=f"peer{peer + 1}'s copy")
+        assert placed.read_bytes() == data
+    assert "registered deploy svc-4.0.bin" in fleet.tracker.log_text()
+    stats = json.loads(urllib.request.urlopen(f"{fleet.tracker_url}/stats", timeout=10).read())
+    assert [d["name"] for d in stats["deploys"]] == ["svc-4.0.bin"]
+    metrics = urllib.request.urlopen(f"{fleet.tracker_url}/metrics", timeout=10).read().decode()
+    udp_announces = sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "murderd_tracker_udp_requests_total"
+        and sample.labels.get("action") == "announce"
+    )
+    assert udp_announces >= 3  # the seeder and both peers
