@@ -97,10 +97,12 @@ class Tracker:
         event: int,
         numwant: int,
         now: float,
-    ) -> tuple[reg.Deploy, list[reg.Peer]] | None:
+        compact: bool = False,
+    ) -> tuple[reg.Deploy, list] | None:
         """Record an announce: (its swarm, the peers to hand out), or None for an unknown deploy.
 
         info_hash may be a hybrid deploy's v2 alias; numwant is already capped (numwant()).
+        compact: the chosen peers as their compact addresses (bytes), not as Peers.
         ValueError for an address the registry cannot take.  Counts ok and unknown_deploy;
         the caller counts malformed requests, which never get here.
         """
@@ -117,7 +119,7 @@ class Tracker:
                 return None
         peer = registry.announce(deploy, peer_id, ip, port, uploaded, downloaded, left, event, now)
         self.announce_ok.inc()
-        chosen = registry.select(deploy, peer, numwant) if peer is not None else []
+        chosen = registry.select(deploy, peer, numwant, compact) if peer is not None else []
         return deploy, chosen
 
     def scrape(self, hashes: list[bytes], now: float) -> list[tuple[bytes, reg.Deploy | None]]:

@@ -279,7 +279,7 @@ class TrackerHTTP:
             ip = core.peer_ip(source, query.get("ip"))
             answer = core.announce(
                 info_hash, peer_id, ip, port, uploaded, downloaded, left, event, numwant,
-                time.monotonic(),
+                time.monotonic(), compact=query.get("compact") != "0",
             )  # fmt: skip
         except ValueError as exc:
             raise Malformed(str(exc)) from None
@@ -312,10 +312,12 @@ class TrackerHTTP:
                 peers.append(entry)
             reply[b"peers"] = peers
         else:
-            v4 = [p.compact for p in chosen if not p.v6]
-            reply[b"peers"] = b"".join(v4)
-            if len(v4) != len(chosen):
-                reply[b"peers6"] = b"".join(p.compact for p in chosen if p.v6)
+            peers = b"".join(chosen)
+            if len(peers) == 6 * len(chosen):
+                reply[b"peers"] = peers
+            else:  # both families
+                reply[b"peers"] = b"".join([c for c in chosen if len(c) == 6])
+                reply[b"peers6"] = b"".join([c for c in chosen if len(c) == 18])
         return bencode(reply)
 
     async def scrape(self, request: web.Request) -> web.Response:

@@ -103,7 +103,17 @@ def _address(ip: str, port: int, prefix_v4: int, prefix_v6: int) -> tuple[bytes,
 class Deploy:
     """One swarm: its peers (least recently seen first) and the pools selection draws from."""
 
-    __slots__ = ("info_hash", "known", "peers", "pools", "nets", "completed", "last_seen")
+    __slots__ = (
+        "info_hash",
+        "known",
+        "peers",
+        "pools",
+        "nets",
+        "cpools",
+        "cnets",
+        "completed",
+        "last_seen",
+    )
 
     def __init__(self, info_hash: bytes, known: Known | None):
         self.info_hash = info_hash
@@ -111,6 +121,10 @@ class Deploy:
         self.peers: OrderedDict[bytes, Peer] = OrderedDict()
         self.pools: tuple[list, list] = ([], [])  # seeds, leechers
         self.nets: dict[tuple, tuple[list, list]] = {}  # subnet -> (seeds, leechers)
+        # The same lists holding each peer's compact address (same order, same indices):
+        # a compact answer is then slices and one join, no step per peer in Python.
+        self.cpools: tuple[list, list] = ([], [])
+        self.cnets: dict[tuple, tuple[list, list]] = {}
         self.completed = 0
         self.last_seen = 0.0
 
@@ -137,53 +151,67 @@ class Deploy:
         pool = self.pools[kind]
         peer.i_all = len(pool)
         pool.append(peer)
+        self.cpools[kind].append(peer.compact)
         net = self.nets.get(peer.subnet)
         if net is None:
             net = self.nets[peer.subnet] = ([], [])
+            cnet = self.cnets[peer.subnet] = ([], [])
         else:
             # One subnet key object per subnet, not one per peer (88 bytes a peer).
             peer.subnet = (net[0] or net[1])[0].subnet
+            cnet = self.cnets[peer.subnet]
         pool = net[kind]
         peer.i_net = len(pool)
         pool.append(peer)
+        cnet[kind].append(peer.compact)
 
     def _remove_from_pools(self, peer: Peer) -> None:
         kind = _SEEDS if peer.left == 0 else _LEECHERS
-        pool = self.pools[kind]
+        pool, cpool = self.pools[kind], self.cpools[kind]
         last = pool.pop()
+        last_compact = cpool.pop()
         if last is not peer:
             pool[peer.i_all] = last
+            cpool[peer.i_all] = last_compact
             last.i_all = peer.i_all
         net = self.nets[peer.subnet]
-        pool = net[kind]
+        cnet = self.cnets[peer.subnet]
+        pool, cpool = net[kind], cnet[kind]
         last = pool.pop()
+        last_compact = cpool.pop()
         if last is not peer:
             pool[peer.i_net] = last
+            cpool[peer.i_net] = last_compact
             last.i_net = peer.i_net
         if not net[0] and not net[1]:
             del self.nets[peer.subnet]
+            del self.cnets[peer.subnet]
 
     def remove(self, peer: Peer) -> None:
         self._remove_from_pools(peer)
         del self.peers[peer.peer_id]
 
 
-def _pick(lists: tuple, count: int, skip: Peer, skip_net, skipped: int) -> list[Peer]:
+def _pick(
+    lists: tuple, count: int, skip: Peer, skip_net, skipped: int, compacts: tuple | None = None
+) -> list:
     """Up to count peers drawn at random from the concatenation of lists.
 
     skip is a peer never to return (the asker); skip_net a subnet whose peers are not
     returned (they were all handed out already).  skipped bounds how many entries of lists
-    are skipped, so a window of count + skipped entries always yields count peers.
+    are skipped, so a window of count + skipped entries always yields count peers.  With
+    compacts (the lists' parallel lists of compact addresses) the chosen peers' compact
+    addresses are returned instead of the peers.
     """
     total = sum(len(items) for items in lists)
     if total == 0 or count <= 0:
         return []
-    out: list[Peer] = []
     if total <= count + skipped:
-        for items in lists:
-            for peer in items:
+        out = []
+        for items, parallel in zip(lists, compacts if compacts is not None else lists):
+            for peer, value in zip(items, parallel):
                 if peer is not skip and peer.subnet != skip_net:
-                    out.append(peer)
+                    out.append(value)
                     if len(out) == count:
                         return out
         return out
@@ -192,19 +220,29 @@ def _pick(lists: tuple, count: int, skip: Peer, skip_net, skipped: int) -> list[
     want = count + skipped
     position = random.randrange(total)
     window: list[Peer] = []
+    values: list = []
     while len(window) < want:
         offset = position
-        for items in lists:
-            if offset < len(items):
-                break
-            offset -= len(items)
-        chunk = items[offset : offset + want - len(window)]
+        which = 0
+        while offset >= len(lists[which]):
+            offset -= len(lists[which])
+            which += 1
+        items = lists[which]
+        end = offset + want - len(window)
+        chunk = items[offset:end]
         window.extend(chunk)
+        if compacts is not None:
+            values.extend(compacts[which][offset:end])
         position = (position + len(chunk)) % total
+    if compacts is None:
+        values = window
     if skip_net is None:
-        out = [peer for peer in window if peer is not skip]
-    else:
-        out = [peer for peer in window if peer is not skip and peer.subnet != skip_net]
+        # Peers compare by identity: "in" and index() run in C (no per-peer Python step).
+        if skip in window:
+            del values[window.index(skip)]
+        del values[count:]
+        return values
+    out = [v for peer, v in zip(window, values) if peer is not skip and peer.subnet != skip_net]
     return out[:count]
 
 
@@ -402,22 +440,31 @@ class Registry:
         peer.last_seen = now
         return peer
 
-    def select(self, deploy: Deploy, asker: Peer, numwant: int) -> list[Peer]:
-        """Peers for the asker: same subnet first, then random; a seed gets only leechers."""
+    def select(self, deploy: Deploy, asker: Peer, numwant: int, compact: bool = False) -> list:
+        """Peers for the asker: same subnet first, then random; a seed gets only leechers.
+
+        compact: their compact addresses (bytes) instead of the peers.
+        """
         if numwant <= 0:
             return []
         net = deploy.nets.get(asker.subnet)
+        cnet = deploy.cnets.get(asker.subnet) if compact else None
         if asker.left == 0:
             local = (net[_LEECHERS],) if net else ()
             everyone = (deploy.pools[_LEECHERS],)
+            clocal = (cnet[_LEECHERS],) if cnet else None
+            ceveryone = (deploy.cpools[_LEECHERS],) if compact else None
         else:
             local = net if net else ()
             everyone = deploy.pools
-        chosen = _pick(local, numwant, asker, None, 1) if local else []
+            clocal = cnet
+            ceveryone = deploy.cpools if compact else None
+        chosen = _pick(local, numwant, asker, None, 1, clocal) if local else []
         if len(chosen) < numwant:
             # The asker's subnet is exhausted (so small): fill from the other subnets.
             in_net = sum(len(items) for items in local) + 1
-            chosen.extend(_pick(everyone, numwant - len(chosen), asker, asker.subnet, in_net))
+            rest = _pick(everyone, numwant - len(chosen), asker, asker.subnet, in_net, ceveryone)
+            chosen.extend(rest)
         return chosen
 
     def expire_deploy(self, deploy: Deploy, now: float) -> int:

@@ -276,7 +276,7 @@ class TrackerUDP:
             ip = core.peer_ip(host, socket.inet_ntoa(data[84:88]) if claimed else None)
             answer = core.announce(
                 info_hash, peer_id, ip, port, uploaded, downloaded, left, EVENTS[event],
-                core.numwant(numwant), now,
+                core.numwant(numwant), now, compact=True,
             )  # fmt: skip
         except ValueError as exc:
             raise Refused(str(exc)) from None
@@ -289,9 +289,9 @@ class TrackerUDP:
             ACTION_ANNOUNCE, tid, core.interval, deploy.leechers, deploy.seeders
         )
         size = 18 if ":" in announce_rules.normalize_ip(host) else 6
-        peers = b"".join([p.compact for p in chosen])
+        peers = b"".join(chosen)
         if len(peers) != size * len(chosen):  # both families: keep the asker's
-            peers = b"".join([p.compact for p in chosen if len(p.compact) == size])
+            peers = b"".join([c for c in chosen if len(c) == size])
         return head + peers
 
     def scrape(self, data: bytes, tid: bytes, now: float) -> bytes:

@@ -114,18 +114,16 @@ def test_hybrid_torrent_v1_and_v2_announces_share_one_swarm(daemons, tmp_path):
         leecher.close()
 
 
-def transfer_through_the_tracker(swarm, keep_open: bool = False):
-    made, data = swarm["made"], swarm["data"]
-    out = swarm["tmp"] / "leech"
-    out.mkdir()
+def seed_then_fetch(made, data: Path, out: Path, seed_announced, what: str):
+    """A seed session, then a second session fetching the deploy through the tracker.
+
+    seed_announced() tells when the tracker has the seed.  Returns (seeder, leecher), open;
+    the caller closes them (they are closed here if anything fails).
+    """
     seeder, leecher = Session(seeder=True), Session(seeder=False)
     try:
         seed_handle = seeder.add(made, data.parent, seed=True)
-        wait_for(
-            lambda: any(d["seeders"] for d in stats(swarm["base"])["deploys"]),
-            30,
-            what="the seed's announce",
-        )
+        wait_for(seed_announced, 30, what=what)
         handle = leecher.add(made, out)
         wait_for(
             lambda: handle.status().is_seeding,
@@ -133,9 +131,27 @@ def transfer_through_the_tracker(swarm, keep_open: bool = False):
             interval=0.2,
             what=f"the download (tracker errors: {leecher.errors() + seeder.errors()})",
         )
-        assert sha256(out / "release.bin") == sha256(data)
+        assert sha256(out / data.name) == sha256(data)
         assert seed_handle.status().is_seeding
+    except BaseException:
+        seeder.close()
+        leecher.close()
+        raise
+    return seeder, leecher
 
+
+def transfer_through_the_tracker(swarm, keep_open: bool = False):
+    made, data = swarm["made"], swarm["data"]
+    out = swarm["tmp"] / "leech"
+    out.mkdir()
+    seeder, leecher = seed_then_fetch(
+        made,
+        data,
+        out,
+        lambda: any(d["seeders"] for d in stats(swarm["base"])["deploys"]),
+        "the seed's announce",
+    )
+    try:
         # The tracker saw both, same address, each with its own listen port and peer id.
         def both_seeding():
             deploy = stats(swarm["base"])["deploys"][0]

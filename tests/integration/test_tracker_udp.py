@@ -399,7 +399,7 @@ def test_udp_off_and_on_its_own_port(start_tracker, tmp_path):
 
 
 def test_two_libtorrent_sessions_transfer_with_a_udp_tracker_only(start_tracker, tmp_path):
-    from test_tracker_clients import Session, sha256
+    from test_tracker_clients import seed_then_fetch
 
     port = free_port()
     made = make_deploy(tmp_path, "release.bin", tracker=f"udp://127.0.0.1:{port}/announce")
@@ -408,23 +408,14 @@ def test_two_libtorrent_sessions_transfer_with_a_udp_tracker_only(start_tracker,
     data = tmp_path / "src" / "release.bin"
     out = tmp_path / "leech"
     out.mkdir()
-    seeder, leecher = Session(seeder=True), Session(seeder=False)
+    seeder, leecher = seed_then_fetch(
+        made,
+        data,
+        out,
+        lambda: json.loads(http_get(t.base + "/stats"))["deploys"][0]["seeders"],
+        "the seed's UDP announce",
+    )
     try:
-        seed_handle = seeder.add(made, data.parent, seed=True)
-        wait_for(
-            lambda: json.loads(http_get(t.base + "/stats"))["deploys"][0]["seeders"],
-            30,
-            what="the seed's UDP announce",
-        )
-        handle = leecher.add(made, out)
-        wait_for(
-            lambda: handle.status().is_seeding,
-            120,
-            interval=0.2,
-            what=f"the download (tracker errors: {leecher.errors() + seeder.errors()})",
-        )
-        assert sha256(out / "release.bin") == sha256(data)
-        assert seed_handle.status().is_seeding
         udp_ok = (("action", "announce"), ("result", "ok"))
         assert metrics(t.base)[("murderd_tracker_udp_requests_total", udp_ok)] >= 2
         # Nothing came over HTTP: every announce was a UDP one.

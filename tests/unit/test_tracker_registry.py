@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from urllib.parse import parse_qsl, quote_from_bytes
 
 import pytest
@@ -318,3 +319,41 @@ def test_random_info_hashes_survive():
     for _ in range(50):
         value = os.urandom(20)
         assert parse_query("x=" + quote_from_bytes(value), 4)["x"].encode("latin-1") == value
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 60),  # peer
+            st.sampled_from(["10.0.0.1", "10.0.1.7", "10.9.0.3", "fd00::5"]),
+            st.sampled_from([0, 100]),  # left: seed or leecher
+            st.sampled_from([reg.EVENT_NONE, reg.EVENT_STOPPED]),
+        ),
+        min_size=1,
+        max_size=200,
+    ),
+    st.integers(0, 2**32),
+    st.integers(1, 80),
+)
+def test_compact_selection_is_the_selection_compacted(churn, seed, numwant):
+    """select(compact=True) draws the same peers as select(), as their compact addresses:
+    the parallel lists of compact addresses stay in step through joins, moves and stops."""
+
+    r = make(max_peers_per_deploy=50)
+    asker = None
+    for n, ip, left, event in churn:
+        deploy, peer = announce(r, n, ip=ip, port=7000 + n % 3, left=left, event=event)
+        asker = peer or asker
+    deploy = r.deploy(HASH, 0.0)
+    for kind in (0, 1):
+        assert deploy.cpools[kind] == [p.compact for p in deploy.pools[kind]]
+    assert deploy.cnets.keys() == deploy.nets.keys()
+    for subnet, net in deploy.nets.items():
+        compacts = [[p.compact for p in pool] for pool in net]
+        assert compacts == [list(c) for c in deploy.cnets[subnet]]
+    if asker is None or asker.peer_id not in deploy.peers:
+        return
+    random.seed(seed)
+    peers = r.select(deploy, asker, numwant)
+    random.seed(seed)
+    assert r.select(deploy, asker, numwant, compact=True) == [p.compact for p in peers]
