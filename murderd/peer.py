@@ -129,6 +129,7 @@ class PeerService(SwarmService):
                 "download_rate_limit",
                 "follow",
                 "follow_interval",
+                "corrupt_peer_block_seconds",
             )
         }
     )
@@ -146,6 +147,7 @@ class PeerService(SwarmService):
         self.resume_done = asyncio.Event()
         self.follow_seen: set[str] = set()
         self.hash_failures_total = 0
+        self.blocked: dict[str, float] = {}  # address -> when it was blocked (monotonic)
         self.flush_waiters: dict[str, asyncio.Future] = {}
         self.metrics = metrics.DaemonMetrics("peer", lambda: self.session)
 
@@ -560,16 +562,42 @@ class PeerService(SwarmService):
             why = "a seeder" if not shared else "its address is shared with other peers"
             log.error("deploy %s: peer %s:%d sent corrupt data: banned (%s)", name, ip, port, why)
             return
-        blocked = self.session.get_ip_filter()
-        blocked.add_rule(ip, ip, 1)
-        self.session.set_ip_filter(blocked)
+        self.blocked[ip] = time.monotonic()
+        self._apply_blocks()
+        hold = self.cfg["peer"]["corrupt_peer_block_seconds"]
         log.error(
-            "deploy %s: peer %s:%d sent corrupt data: banned, and %s blocked until restart",
+            "deploy %s: peer %s:%d sent corrupt data: banned, and %s blocked %s",
             name,
             ip,
             port,
             ip,
+            f"for {hold}s" if hold else "until restart",
         )
+
+    def _apply_blocks(self) -> None:
+        blocked = lt.ip_filter()
+        for address in self.blocked:
+            blocked.add_rule(address, address, 1)
+        self.session.set_ip_filter(blocked)
+
+    def _unblock_expired(self) -> None:
+        """Let blocked addresses back once corrupt_peer_block_seconds have passed (0: never)."""
+        hold = self.cfg["peer"]["corrupt_peer_block_seconds"]
+        if not self.blocked or not hold:
+            return
+        now = time.monotonic()
+        expired = [ip for ip, since in self.blocked.items() if now - since >= hold]
+        if not expired:
+            return
+        for ip in expired:
+            del self.blocked[ip]
+            log.warning(
+                "%s no longer blocked: corrupt_peer_block_seconds (%ds) passed since it sent "
+                "corrupt data",
+                ip,
+                hold,
+            )
+        self._apply_blocks()
 
     def _stall(self, deploy: PeerDeploy, alert) -> None:
         """A disk error (e.g. staging full): record it, retry until it clears."""
@@ -640,6 +668,7 @@ class PeerService(SwarmService):
                     self._write_state(deploy)
             if write:
                 last_write = now
+            self._unblock_expired()
             await asyncio.sleep(1.0)
 
     def _account_peers(self, deploy: PeerDeploy) -> None:

@@ -202,8 +202,18 @@ def test_peer_serving_corrupt_data_is_banned_and_every_copy_is_right(fleet_facto
         for peer in fleet.peers:
             assert f"peer {CorruptSeed.ADDRESS}:" in peer.log_text()
             assert (
-                f"sent corrupt data: banned, and {CorruptSeed.ADDRESS} blocked" in peer.log_text()
+                f"sent corrupt data: banned, and {CorruptSeed.ADDRESS} blocked for 3600s"
+                in peer.log_text()
             )
+        # The block expires (corrupt_peer_block_seconds, here shortened by a reload).
+        set_peer_key(fleet, 0, "corrupt_peer_block_seconds", 1)
+        fleet.peers[0].signal(signal.SIGHUP)
+        wait_for(
+            lambda: f"{CorruptSeed.ADDRESS} no longer blocked" in fleet.peers[0].log_text(),
+            30,
+            what="the block to expire",
+        )
+        assert "no longer blocked" not in fleet.peers[1].log_text()
         print(
             f"corrupt seed: sent {bad.status().all_time_upload} bytes; "
             f"hash failures per peer {failures} of {parsed.num_pieces} pieces"
