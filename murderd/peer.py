@@ -43,6 +43,7 @@ RETRY_MIN_FREE = 4 * 1024 * 1024  # a full staging filesystem counts as freed ab
 STATE_WRITE_SECONDS = 2.0
 FREE_SPACE_MARGIN = 16 * 1024 * 1024
 FOLLOW_WAIT = 25.0  # how long a follow long poll asks the seeder to hold index.json
+FOLLOW_RETRY_FIRST = 1.0  # seconds before the first retry of a failed follow fetch
 FAMILY = re.compile(r"^(.+?)[-_]v?[0-9]")
 
 
@@ -311,19 +312,27 @@ class PeerService(SwarmService):
         A murder-seeder's index carries a generation: the peer asks it to hold the answer
         until the generation moves on (a deploy published or removed), so a new deploy is
         seen at once however long follow_interval is.  Any other server (a plain file behind
-        nginx, an older seeder) is polled every follow_interval.
+        nginx, an older seeder) is polled every follow_interval.  After an error (the seeder
+        down or restarting) the index is tried again after 1, 2, 4 ... seconds, at most
+        follow_interval apart.
         """
         generation = None
+        backoff = FOLLOW_RETRY_FIRST
         while True:
             c = self.cfg["peer"]
             delay = c["follow_interval"]
             if c["follow"]:
                 started = time.monotonic()
                 try:
-                    seen = await self._follow_once(c["follow"], generation)
+                    seen, failed = await self._follow_once(c["follow"], generation)
                 except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
                     log.warning("follow %s: %s", c["follow"], exc or type(exc).__name__)
-                    seen = None
+                    seen, failed = None, True
+                if failed:
+                    delay = min(delay, backoff)
+                    backoff *= 2
+                else:
+                    backoff = FOLLOW_RETRY_FIRST
                 # Go straight back to waiting, unless the server answered an unchanged
                 # generation at once (it does not hold requests: plain polling, then).
                 quick = time.monotonic() - started < 0.5
@@ -333,11 +342,12 @@ class PeerService(SwarmService):
             if delay:
                 await asyncio.sleep(delay)
 
-    async def _follow_once(self, url: str, generation: str | None) -> str | None:
+    async def _follow_once(self, url: str, generation: str | None) -> tuple[str | None, bool]:
         """Fetch the index (held until it changes when generation is given); start new deploys.
 
-        Returns the index's generation, or None when the server does not give one or a
-        torrent could not be fetched (then the index is read again after follow_interval).
+        Returns the index's generation (None when the server gives none, or when a torrent
+        could not be fetched: the index is then read again without one) and whether a torrent
+        could not be fetched.
         """
         wait = min(FOLLOW_WAIT, self.cfg["peer"]["url_timeout"] / 2)
         if generation is not None and wait >= 1:
@@ -352,6 +362,7 @@ class PeerService(SwarmService):
             raise ValueError(f"not a seeder index: {exc}") from None
         seen = parsed.get("generation")
         seen = seen if isinstance(seen, str) and len(seen) <= 100 else None
+        failed = False
         for item in deploys if isinstance(deploys, list) else []:
             if not isinstance(item, dict):
                 continue
@@ -367,10 +378,10 @@ class PeerService(SwarmService):
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
                 log.warning("follow: cannot fetch %s: %s", torrent_url, exc)
                 self.follow_seen.discard(info_hash)
-                seen = None
+                seen, failed = None, True
                 continue
             self._accept(data, source=torrent_url, drop_path=None)
-        return seen
+        return seen, failed
 
     def _reject_file(self, path: Path, reason: str) -> None:
         """Quarantine a dropped file in rejected/ with a .reason file beside it."""

@@ -471,6 +471,10 @@ class SeederService(SwarmService):
             except ValueError:
                 wait = 0.0
             await self._index_wait(after, wait)
+        if self.index_closed:
+            # Not an unchanged index (a follower would take it for a server that does not
+            # long-poll, and wait follow_interval): an error, retried soon.
+            raise web.HTTPServiceUnavailable(text="the seeder is stopping\n")
         return web.json_response({"generation": self.index_generation, "deploys": self.index()})
 
     async def _torrent_file(self, request: web.Request) -> web.StreamResponse:

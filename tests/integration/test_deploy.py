@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import tarfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -106,6 +107,23 @@ def test_follow_long_polls_the_seeder(fleet_factory, tmp_path):
         assert sha256(dest) == want
 
 
+def test_follow_retries_soon_after_the_seeder_was_down(fleet_factory, tmp_path):
+    """A failed follow fetch is retried after 1, 2, 4 ... s, not after follow_interval."""
+    fleet = fleet_factory(1, follow=True, peer={"follow_interval": 600}).start()
+    assert fleet.seeder.stop(timeout=20) == 0
+    wait_for(
+        lambda: "WARNING murderd.peer: follow" in fleet.peers[0].log_text(),
+        30,
+        what="the follow fetch to fail",
+    )
+    fleet.seeder.start()
+    want = random_file(tmp_path / "svc-2.0.bin", MiB)
+    fleet.drop(tmp_path / "svc-2.0.bin")
+    dest = fleet.peer_destination(0) / "svc-2.0.bin"
+    wait_for(dest.exists, 60, what="the peer to follow the deploy after the seeder restarted")
+    assert sha256(dest) == want
+
+
 def test_index_json_long_poll(fleet_factory, tmp_path):
     fleet = fleet_factory(0).start()
     first = fetch_index(fleet)
@@ -124,14 +142,17 @@ def test_index_json_long_poll(fleet_factory, tmp_path):
         answer = held.result(timeout=60)
     assert answer["generation"] != generation
     assert [d["name"] for d in answer["deploys"]] == ["lib-3.0.bin"]
-    # A request held when the seeder stops is answered, and the stop is not held up.
+    # A request held when the seeder stops is answered at once (503: "try again soon", not
+    # an unchanged index), and the stop is not held up.
     generation = answer["generation"]
     port = int(fleet.seeder_url.rsplit(":", 1)[1])
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         held = pool.submit(fetch_index, fleet, f"?after={generation}&wait=50", 60)
         wait_for(lambda: connections_to(port), 10, what="the held request's connection")
         assert fleet.seeder.stop(timeout=20) == 0
-        assert held.result(timeout=30)["generation"] == generation
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            held.result(timeout=30)
+        assert refused.value.code == 503
 
 
 def connections_to(port: int) -> int:
