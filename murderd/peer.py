@@ -101,6 +101,7 @@ class PeerDeploy:
         self.linger_timer = None
         self.retry_timer = None
         self.stall_enospc = False  # the stall is a full staging filesystem
+        self.stall_placing = False  # the stall came while placing (destination full)
         self.top_band: list[int] = []  # staggered start: preferred pieces, until had
 
     def record(self) -> dict:
@@ -532,7 +533,8 @@ class PeerService(SwarmService):
             if waiter is not None and not waiter.done():
                 waiter.set_result(True)
         elif isinstance(alert, (lt.torrent_finished_alert, lt.torrent_checked_alert)):
-            if deploy and deploy.state in ("downloading", "stalled") and handle.status().is_seeding:
+            finishing = deploy and deploy.state in ("downloading", "stalled")
+            if finishing and not deploy.stall_placing and handle.status().is_seeding:
                 self.spawn(self._complete(deploy))
         elif isinstance(alert, lt.hash_failed_alert):
             self.hash_failures_total += 1
@@ -633,18 +635,21 @@ class PeerService(SwarmService):
         if deploy.state != "stalled" or deploy.handle is None or not deploy.handle.is_valid():
             return
         if deploy.stall_enospc:
+            where = self.destination_dir if deploy.stall_placing else self.staging_dir
             try:
-                free = fsutil.free_bytes(self.staging_dir)
+                free = fsutil.free_bytes(where)
             except OSError:
                 free = 0
             if free < RETRY_MIN_FREE:
                 # Still full: stay stalled (what the operator must see) and look again later.
-                log.debug(
-                    "deploy %s: %s still has %d bytes free", deploy.name, self.staging_dir, free
-                )
+                log.debug("deploy %s: %s still has %d bytes free", deploy.name, where, free)
                 self._schedule_retry(deploy)
                 return
         log.info("deploy %s: retrying after: %s", deploy.name, deploy.error)
+        if deploy.stall_placing:
+            deploy.stall_enospc = deploy.stall_placing = False
+            self.spawn(self._complete(deploy))  # verifies again, then places
+            return
         deploy.handle.clear_error()
         # A failed write (disk full, read-only) puts the torrent in upload mode rather than
         # in error, and only auto-managed torrents ever leave it by themselves.
@@ -740,6 +745,22 @@ class PeerService(SwarmService):
             await self._complete_once(deploy)
         except asyncio.CancelledError:
             raise
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or deploy.state != "placing":
+                log.exception("deploy %s: finishing failed", deploy.name)
+                self._fail(deploy, f"finishing failed: {exc}")
+                return
+            # The destination filled up while placing (a copy, or unpacking an archive):
+            # nothing half-placed stays (publish cleans its temporaries); wait for space.
+            log.error("deploy %s: placing: %s", deploy.name, exc)
+            deploy.stall_enospc = deploy.stall_placing = True
+            self._set_state(
+                deploy,
+                "stalled",
+                f"no space left on {self.destination_dir} while placing; "
+                f"retrying every {RETRY_ERROR_SECONDS}s",
+            )
+            self._schedule_retry(deploy)
         except Exception as exc:
             log.exception("deploy %s: finishing failed", deploy.name)
             self._fail(deploy, f"finishing failed: {exc}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
+import subprocess
+import tarfile
 
 import pytest
 from deploykit import (
@@ -81,5 +84,41 @@ def test_staging_full_stalls_keeps_serving_and_completes_once_freed(fleet_factor
             assert "Traceback" not in log
             # One clear line per stall, not one per failed block write.
             assert log.count("No space left on device") <= 10, log.count("No space left on device")
+        finally:
+            fleet.close()  # before the unmount, even after a failure
+
+
+def test_destination_full_while_unpacking_stalls_and_completes_once_grown(fleet_factory, tmp_path):
+    """extract = yes, and the archive unpacks to more than the destination holds: the deploy
+    stalls (it does not fail), nothing half-unpacked shows, and it completes once there is
+    room (the test grows its tmpfs)."""
+    unpacked = 64 * MiB
+    archive = tmp_path / "site-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        member = tarfile.TarInfo("www/big.bin")
+        member.size = unpacked
+        tar.addfile(member, io.BytesIO(b"\0" * unpacked))  # zeros: a small archive
+    fleet = fleet_factory(1)
+    base = fleet.peer_dirs[0]
+    with small_filesystem(base / "vol", 48) as vol:
+        try:
+            peer_config_replace(fleet, 0, str(base / "staging"), str(vol / "dest" / ".murderd-staging"))
+            peer_config_replace(fleet, 0, str(base / "dest"), str(vol / "dest"))
+            set_peer_key(fleet, 0, "extract", "yes")
+            fleet.start()
+            fleet.drop(archive)
+            give(fleet, 0, archive.name)
+            state = wait_state(fleet, 0, archive.name, "stalled", 60)
+            assert "no space left" in state["error"] and "while placing" in state["error"]
+            dest = vol / "dest"
+            assert not (dest / "site-1.0").exists()
+            assert not [p for p in dest.iterdir() if p.name.startswith(".murderd-x-")]
+            assert fleet.peers[0].proc.poll() is None
+
+            subprocess.run(["mount", "-o", "remount,size=160m", str(vol)], check=True)
+            wait_state(fleet, 0, archive.name, ("seeding", "done"), 60)
+            assert (dest / "site-1.0" / "www" / "big.bin").stat().st_size == unpacked
+            assert (dest / archive.name).stat().st_size == archive.stat().st_size
+            assert "Traceback" not in fleet.peers[0].log_text()
         finally:
             fleet.close()  # before the unmount, even after a failure
