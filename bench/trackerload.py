@@ -167,6 +167,11 @@ def _load(port: int, requests: list, concurrency: int, rate: float, limit: float
     for key in list(sel.get_map().values()):
         key.fileobj.close()
         errors += 1
+    _report(queue, latencies, failures, errors, started)
+
+
+def _report(queue, latencies: list, failures: int, errors: int, started: float) -> None:
+    """What one load process hands back: its latencies, failures, errors, time and CPU."""
     cpu = os.times()
     queue.put(
         {
@@ -289,16 +294,7 @@ def _udp_load(port: int, tails: list, window: int, rate: float, limit: float, qu
         select.select([sock], [], [], timeout)
     errors += len(pending)
     sock.close()
-    cpu = os.times()
-    queue.put(
-        {
-            "latencies": latencies,
-            "failures": failures,
-            "errors": errors,
-            "seconds": time.perf_counter() - started,
-            "cpu": cpu.user + cpu.system,
-        }
-    )
+    _report(queue, latencies, failures, errors, started)
 
 
 def drive(
