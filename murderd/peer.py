@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 import random
@@ -21,12 +20,10 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import aiohttp
 from aiohttp import web
 
-from . import fsutil, httpserver, metrics, publish, runtime, torrent
+from . import follow, fsutil, httpserver, metrics, publish, runtime, torrent
 from .lt import (
     lt,
     prioritize_pieces,
@@ -42,8 +39,6 @@ RETRY_ERROR_SECONDS = 10
 RETRY_MIN_FREE = 4 * 1024 * 1024  # a full staging filesystem counts as freed above this
 STATE_WRITE_SECONDS = 2.0
 FREE_SPACE_MARGIN = 16 * 1024 * 1024
-FOLLOW_WAIT = 25.0  # how long a follow long poll asks the seeder to hold index.json
-FOLLOW_RETRY_FIRST = 1.0  # seconds before the first retry of a failed follow fetch
 FAMILY = re.compile(r"^(.+?)[-_]v?[0-9]")
 
 
@@ -147,7 +142,12 @@ class PeerService(SwarmService):
         self.deploys: dict[str, PeerDeploy] = {}
         self.pending_resume = 0
         self.resume_done = asyncio.Event()
-        self.follow_seen: set[str] = set()
+        self.follower = follow.Follower(
+            client=lambda: self.client,
+            settings=lambda: self.cfg["peer"],
+            known=lambda info_hash: info_hash in self.deploys,
+            accept=lambda data, url: self._accept(data, source=url, drop_path=None),
+        )
         self.hash_failures_total = 0
         self.blocked: dict[str, float] = {}  # address -> when it was blocked (monotonic)
         self.flush_waiters: dict[str, asyncio.Future] = {}
@@ -187,7 +187,7 @@ class PeerService(SwarmService):
         )
         self.spawn(self._tick_loop())
         self.spawn(self._resume_loop())
-        self.spawn(self._follow_loop())
+        self.spawn(self.follower.run())
 
     async def save(self) -> None:
         await self._save_all_resume(timeout=min(10.0, self.cfg["daemon"]["stop_timeout"] / 2))
@@ -269,27 +269,6 @@ class PeerService(SwarmService):
             return
         self._accept(data, source=path.name, drop_path=path)
 
-    async def _fetch(self, url: str) -> bytes:
-        c = self.cfg["peer"]
-        cap = c["max_torrent_bytes"]
-        timeout = aiohttp.ClientTimeout(total=c["url_timeout"])
-        async with self.client.get(url, timeout=timeout) as resp:
-            if resp.status != 200:
-                raise ValueError(f"{url} answered HTTP {resp.status}")
-            if resp.content_length and resp.content_length > cap:
-                raise ValueError(f"{url} is {resp.content_length} bytes, over the cap of {cap}")
-            # content.read(n) returns what has arrived so far (up to n), not the whole body:
-            # on a real network a .torrent comes in several segments.
-            data = bytearray()
-            while len(data) <= cap:
-                chunk = await resp.content.read(cap + 1 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            if len(data) > cap:
-                raise ValueError(f"{url} is over the cap of {cap} bytes")
-            return bytes(data)
-
     async def _fetch_url_file(self, path: Path) -> None:
         try:
             text = path.read_text(encoding="utf-8", errors="strict").strip()
@@ -301,88 +280,11 @@ class PeerService(SwarmService):
             self._reject_file(path, f"not an http(s) URL: {url[:200]!r}")
             return
         try:
-            data = await self._fetch(url)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            data = await self.follower.fetch(url)
+        except follow.FETCH_ERRORS as exc:
             self._reject_file(path, f"cannot fetch {url}: {exc or type(exc).__name__}")
             return
         self._accept(data, source=url, drop_path=path)
-
-    async def _follow_loop(self) -> None:
-        """Poll the followed index.json; long-poll it when the server is a murder-seeder.
-
-        A murder-seeder's index carries a generation: the peer asks it to hold the answer
-        until the generation moves on (a deploy published or removed), so a new deploy is
-        seen at once however long follow_interval is.  Any other server (a plain file behind
-        nginx, an older seeder) is polled every follow_interval.  After an error (the seeder
-        down or restarting) the index is tried again after 1, 2, 4 ... seconds, at most
-        follow_interval apart.
-        """
-        generation = None
-        backoff = FOLLOW_RETRY_FIRST
-        while True:
-            c = self.cfg["peer"]
-            delay = c["follow_interval"]
-            if c["follow"]:
-                started = time.monotonic()
-                try:
-                    seen, failed = await self._follow_once(c["follow"], generation)
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                    log.warning("follow %s: %s", c["follow"], exc or type(exc).__name__)
-                    seen, failed = None, True
-                if failed:
-                    delay = min(delay, backoff)
-                    backoff *= 2
-                else:
-                    backoff = FOLLOW_RETRY_FIRST
-                # Go straight back to waiting, unless the server answered an unchanged
-                # generation at once (it does not hold requests: plain polling, then).
-                quick = time.monotonic() - started < 0.5
-                if seen is not None and (seen != generation or not quick):
-                    delay = 0
-                generation = seen
-            if delay:
-                await asyncio.sleep(delay)
-
-    async def _follow_once(self, url: str, generation: str | None) -> tuple[str | None, bool]:
-        """Fetch the index (held until it changes when generation is given); start new deploys.
-
-        Returns the index's generation (None when the server gives none, or when a torrent
-        could not be fetched: the index is then read again without one) and whether a torrent
-        could not be fetched.
-        """
-        wait = min(FOLLOW_WAIT, self.cfg["peer"]["url_timeout"] / 2)
-        if generation is not None and wait >= 1:
-            parts = urlsplit(url)
-            query = urlencode({"after": generation, "wait": f"{wait:g}"})
-            url = urlunsplit(parts._replace(query=f"{parts.query}&{query}".lstrip("&")))
-        index = await self._fetch(url)
-        try:
-            parsed = json.loads(index)
-            deploys = parsed["deploys"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"not a seeder index: {exc}") from None
-        seen = parsed.get("generation")
-        seen = seen if isinstance(seen, str) and len(seen) <= 100 else None
-        failed = False
-        for item in deploys if isinstance(deploys, list) else []:
-            if not isinstance(item, dict):
-                continue
-            info_hash, torrent_url = item.get("info_hash"), item.get("url")
-            if not isinstance(info_hash, str) or not isinstance(torrent_url, str):
-                continue
-            if info_hash in self.deploys or info_hash in self.follow_seen:
-                continue
-            self.follow_seen.add(info_hash)
-            log.info("follow: new deploy %s (%s)", item.get("name"), info_hash)
-            try:
-                data = await self._fetch(torrent_url)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                log.warning("follow: cannot fetch %s: %s", torrent_url, exc)
-                self.follow_seen.discard(info_hash)
-                seen, failed = None, True
-                continue
-            self._accept(data, source=torrent_url, drop_path=None)
-        return seen, failed
 
     def _reject_file(self, path: Path, reason: str) -> None:
         """Quarantine a dropped file in rejected/ with a .reason file beside it."""

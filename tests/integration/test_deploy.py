@@ -112,7 +112,7 @@ def test_follow_retries_soon_after_the_seeder_was_down(fleet_factory, tmp_path):
     fleet = fleet_factory(1, follow=True, peer={"follow_interval": 600}).start()
     assert fleet.seeder.stop(timeout=20) == 0
     wait_for(
-        lambda: "WARNING murderd.peer: follow" in fleet.peers[0].log_text(),
+        lambda: "WARNING murderd.follow: follow" in fleet.peers[0].log_text(),
         30,
         what="the follow fetch to fail",
     )
