@@ -102,7 +102,9 @@ def test_destination_full_while_unpacking_stalls_and_completes_once_grown(fleet_
     base = fleet.peer_dirs[0]
     with small_filesystem(base / "vol", 48) as vol:
         try:
-            peer_config_replace(fleet, 0, str(base / "staging"), str(vol / "dest" / ".murderd-staging"))
+            peer_config_replace(
+                fleet, 0, str(base / "staging"), str(vol / "dest" / ".murderd-staging")
+            )
             peer_config_replace(fleet, 0, str(base / "dest"), str(vol / "dest"))
             set_peer_key(fleet, 0, "extract", "yes")
             fleet.start()
