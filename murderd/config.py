@@ -249,13 +249,21 @@ def _sanity(values: dict, origin: dict) -> list[str]:
                 problems.append(
                     f"{where(section, key)}: [{section}] {key}: {value} is not a finite number"
                 )
+    # A default never contradicts what the user set: a lower interval lowers the default
+    # min_interval with it, a longer linger_seconds raises the default max_linger_seconds.
     tracker = values["tracker"]
+    if tracker["min_interval"] > tracker["interval"] and ("tracker", "min_interval") not in origin:
+        tracker["min_interval"] = tracker["interval"]
+    peer = values["peer"]
+    if peer["max_linger_seconds"] < peer["linger_seconds"] and (
+        ("peer", "max_linger_seconds") not in origin
+    ):
+        peer["max_linger_seconds"] = peer["linger_seconds"]
     if tracker["min_interval"] > tracker["interval"]:
         problems.append(
             f"{where('tracker', 'min_interval')}: [tracker] min_interval: "
             f"{tracker['min_interval']} is larger than interval ({tracker['interval']})"
         )
-    peer = values["peer"]
     if peer["max_linger_seconds"] < peer["linger_seconds"]:
         problems.append(
             f"{where('peer', 'max_linger_seconds')}: [peer] max_linger_seconds: "

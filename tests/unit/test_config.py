@@ -85,6 +85,17 @@ def test_not_ini_and_key_outside_section(tmp_path):
 def test_cross_key_checks(tmp_path):
     found, _ = problems(tmp_path, "[tracker]\ninterval = 10\nmin_interval = 20\n")
     assert "[tracker] min_interval" in found[0] and "larger than interval" in found[0]
+    found, _ = problems(tmp_path, "[peer]\nlinger_seconds = 60\nmax_linger_seconds = 30\n")
+    assert "[peer] max_linger_seconds" in found[0] and "less than linger_seconds" in found[0]
+
+
+def test_a_default_follows_the_key_it_must_not_contradict(tmp_path):
+    """interval = 1 alone is fine: the default min_interval (5) comes down with it."""
+    text = "[tracker]\ninterval = 1\n[peer]\nlinger_seconds = 900\n"
+    path = write(tmp_path / "murderd.conf", text)
+    cfg = config.load(path)
+    assert (cfg["tracker"]["interval"], cfg["tracker"]["min_interval"]) == (1, 1)
+    assert (cfg["peer"]["linger_seconds"], cfg["peer"]["max_linger_seconds"]) == (900, 900)
 
 
 def test_confd_overrides_in_name_order_and_errors_name_the_dropin(tmp_path):
