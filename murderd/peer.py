@@ -97,6 +97,7 @@ class PeerDeploy:
         self.retry_timer = None
         self.stall_enospc = False  # the stall is a full staging filesystem
         self.stall_placing = False  # the stall came while placing (destination full)
+        self.completing = False  # verify/place under way (one at a time)
         self.top_band: list[int] = []  # staggered start: preferred pieces, until had
 
     def record(self) -> dict:
@@ -437,7 +438,7 @@ class PeerService(SwarmService):
         elif isinstance(alert, (lt.torrent_finished_alert, lt.torrent_checked_alert)):
             finishing = deploy and deploy.state in ("downloading", "stalled")
             if finishing and not deploy.stall_placing and handle.status().is_seeding:
-                self.spawn(self._complete(deploy))
+                self._start_complete(deploy)
         elif isinstance(alert, lt.hash_failed_alert):
             self.hash_failures_total += 1
             if deploy:
@@ -550,7 +551,7 @@ class PeerService(SwarmService):
         log.info("deploy %s: retrying after: %s", deploy.name, deploy.error)
         if deploy.stall_placing:
             deploy.stall_enospc = deploy.stall_placing = False
-            self.spawn(self._complete(deploy))  # verifies again, then places
+            self._start_complete(deploy)  # verifies again, then places
             return
         deploy.handle.clear_error()
         # A failed write (disk full, read-only) puts the torrent in upload mode rather than
@@ -577,6 +578,12 @@ class PeerService(SwarmService):
                 try:
                     status = deploy.handle.status()
                     deploy.progress = round(status.progress, 4)
+                    if deploy.state == "downloading" and status.is_seeding:
+                        # The finished alert normally does this; after a disk-full stall
+                        # libtorrent was seen to finish without one.
+                        if not deploy.completing:
+                            log.info("deploy %s: all pieces in (status check)", deploy.name)
+                        self._start_complete(deploy)
                     if deploy.top_band:
                         self._unstagger(deploy, status.pieces)
                     self._account_peers(deploy)
@@ -642,6 +649,11 @@ class PeerService(SwarmService):
 
     # --- finishing: verify, place, hook, linger ---------------------------------------
 
+    def _start_complete(self, deploy: PeerDeploy) -> None:
+        if not deploy.completing:
+            deploy.completing = True
+            self.spawn(self._complete(deploy))
+
     async def _complete(self, deploy: PeerDeploy) -> None:
         try:
             await self._complete_once(deploy)
@@ -666,6 +678,8 @@ class PeerService(SwarmService):
         except Exception as exc:
             log.exception("deploy %s: finishing failed", deploy.name)
             self._fail(deploy, f"finishing failed: {exc}")
+        finally:
+            deploy.completing = False
 
     async def _complete_once(self, deploy: PeerDeploy) -> None:
         loop = asyncio.get_running_loop()
