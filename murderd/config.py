@@ -236,7 +236,11 @@ def load_or_report(path: str | os.PathLike | None, prog: str) -> Config | None:
 
 
 def _sanity(values: dict, origin: dict) -> list[str]:
-    """Cross-key checks that one key's type cannot express."""
+    """Cross-key checks that one key's type cannot express.
+
+    A default that contradicts a key the user set is adjusted here first (in values), so
+    only two settings the user chose can contradict each other.
+    """
 
     def where(section, key):
         return origin.get((section, key), "built-in default")

@@ -578,11 +578,11 @@ class PeerService(SwarmService):
                 try:
                     status = deploy.handle.status()
                     deploy.progress = round(status.progress, 4)
-                    if deploy.state == "downloading" and status.is_seeding:
+                    done = deploy.state == "downloading" and status.is_seeding
+                    if done and not deploy.completing:
                         # The finished alert normally does this; after a disk-full stall
                         # libtorrent was seen to finish without one.
-                        if not deploy.completing:
-                            log.info("deploy %s: all pieces in (status check)", deploy.name)
+                        log.info("deploy %s: all pieces in (status check)", deploy.name)
                         self._start_complete(deploy)
                     if deploy.top_band:
                         self._unstagger(deploy, status.pieces)
@@ -659,8 +659,9 @@ class PeerService(SwarmService):
             await self._complete_once(deploy)
         except asyncio.CancelledError:
             raise
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or deploy.state != "placing":
+        except Exception as exc:
+            full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            if not (full and deploy.state == "placing"):
                 log.exception("deploy %s: finishing failed", deploy.name)
                 self._fail(deploy, f"finishing failed: {exc}")
                 return
@@ -675,9 +676,6 @@ class PeerService(SwarmService):
                 f"retrying every {RETRY_ERROR_SECONDS}s",
             )
             self._schedule_retry(deploy)
-        except Exception as exc:
-            log.exception("deploy %s: finishing failed", deploy.name)
-            self._fail(deploy, f"finishing failed: {exc}")
         finally:
             deploy.completing = False
 

@@ -36,11 +36,13 @@ def check_destination(destination: Path, relpaths: list[str]) -> None:
     """
     root = destination.resolve()
     for rel in relpaths:
-        top = PurePosixPath(rel).parts[0] if PurePosixPath(rel).parts else ""
-        if top.startswith(TMP_PREFIX):
-            raise PlacementError(f"{top!r}: names starting with {TMP_PREFIX!r} are murderd's own")
+        parts = PurePosixPath(rel).parts
+        if parts and parts[0].startswith(TMP_PREFIX):
+            raise PlacementError(
+                f"{parts[0]!r}: names starting with {TMP_PREFIX!r} are murderd's own"
+            )
         current = destination
-        for part in PurePosixPath(rel).parts:
+        for part in parts:
             current = current / part
             if current.is_symlink():
                 raise PlacementError(f"{current} is a symlink: refusing to write through it")

@@ -85,7 +85,7 @@ class SeederService(SwarmService):
         # at once.
         self.index_boot = os.urandom(4).hex()
         self.index_count = 0
-        self.index_changed: asyncio.Event | None = None
+        self.index_event: asyncio.Event | None = None  # set when the followers are answered
         self.index_closed = False
 
     # --- life cycle -------------------------------------------------------------------
@@ -156,18 +156,18 @@ class SeederService(SwarmService):
         self._wake_index_waiters()
 
     def _wake_index_waiters(self) -> None:
-        if self.index_changed is not None:
-            self.index_changed.set()
-            self.index_changed = None
+        if self.index_event is not None:
+            self.index_event.set()
+            self.index_event = None
 
     async def _index_wait(self, after: str, wait: float) -> None:
         """Hold a GET /index.json?after=G&wait=S until the generation moves on or S passes."""
         if after != self.index_generation or self.index_closed or not wait > 0:
             return
-        if self.index_changed is None:
-            self.index_changed = asyncio.Event()
+        if self.index_event is None:
+            self.index_event = asyncio.Event()
         try:
-            await asyncio.wait_for(self.index_changed.wait(), min(wait, INDEX_MAX_WAIT))
+            await asyncio.wait_for(self.index_event.wait(), min(wait, INDEX_MAX_WAIT))
         except asyncio.TimeoutError:
             pass
 
