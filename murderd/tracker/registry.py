@@ -193,7 +193,13 @@ class Deploy:
 
 
 def _pick(
-    lists: tuple, count: int, skip: Peer, skip_net, skipped: int, compacts: tuple | None = None
+    lists: tuple,
+    count: int,
+    skip: Peer,
+    skip_net,
+    skipped: int,
+    compacts: tuple | None = None,
+    skip_at: int = -1,
 ) -> list:
     """Up to count peers drawn at random from the concatenation of lists.
 
@@ -201,9 +207,13 @@ def _pick(
     returned (they were all handed out already).  skipped bounds how many entries of lists
     are skipped, so a window of count + skipped entries always yields count peers.  With
     compacts (the lists' parallel lists of compact addresses) the chosen peers' compact
-    addresses are returned instead of the peers.
+    addresses are returned instead of the peers.  Without skip_net, skip_at is where skip
+    sits in the concatenation (-1: not there): the window is then the compacts alone,
+    with no list of peers built and searched.
     """
-    total = sum(len(items) for items in lists)
+    total = 0
+    for items in lists:
+        total += len(items)
     if total == 0 or count <= 0:
         return []
     if total <= count + skipped:
@@ -218,9 +228,28 @@ def _pick(
     # A window of consecutive entries from a random start (wrapping), as opentracker does:
     # list slices cost C time only, and each asker still sees a different random part.
     want = count + skipped
-    position = random.randrange(total)
+    start = position = random.randrange(total)
+    if skip_net is None:
+        source = compacts if compacts is not None else lists
+        values: list = []
+        while len(values) < want:
+            offset = position
+            which = 0
+            while offset >= len(lists[which]):
+                offset -= len(lists[which])
+                which += 1
+            end = offset + want - len(values)
+            chunk = source[which][offset:end]
+            values.extend(chunk)
+            position = (position + len(chunk)) % total
+        if skip_at >= 0:
+            at = (skip_at - start) % total
+            if at < want:
+                del values[at]
+        del values[count:]
+        return values
     window: list[Peer] = []
-    values: list = []
+    values = []
     while len(window) < want:
         offset = position
         which = 0
@@ -236,12 +265,6 @@ def _pick(
         position = (position + len(chunk)) % total
     if compacts is None:
         values = window
-    if skip_net is None:
-        # Peers compare by identity: "in" and index() run in C (no per-peer Python step).
-        if skip in window:
-            del values[window.index(skip)]
-        del values[count:]
-        return values
     out = [v for peer, v in zip(window, values) if peer is not skip and peer.subnet != skip_net]
     return out[:count]
 
@@ -447,8 +470,9 @@ class Registry:
         """
         if numwant <= 0:
             return []
-        net = deploy.nets.get(asker.subnet)
-        cnet = deploy.cnets.get(asker.subnet) if compact else None
+        subnet = asker.subnet
+        net = deploy.nets.get(subnet)
+        cnet = deploy.cnets.get(subnet) if compact else None
         if asker.left == 0:
             local = (net[_LEECHERS],) if net else ()
             everyone = (deploy.pools[_LEECHERS],)
@@ -459,12 +483,24 @@ class Registry:
             everyone = deploy.pools
             clocal = cnet
             ceveryone = deploy.cpools if compact else None
-        chosen = _pick(local, numwant, asker, None, 1, clocal) if local else []
-        if len(chosen) < numwant:
-            # The asker's subnet is exhausted (so small): fill from the other subnets.
-            in_net = sum(len(items) for items in local) + 1
-            rest = _pick(everyone, numwant - len(chosen), asker, asker.subnet, in_net, ceveryone)
-            chosen.extend(rest)
+        if local:
+            # Where the asker sits in local (its index, checked): found without a search.
+            skip_at = -1
+            at = asker.i_net
+            in_net = 0
+            for items in local:
+                if skip_at < 0 and 0 <= at < len(items) and items[at] is asker:
+                    skip_at = in_net + at
+                in_net += len(items)
+            chosen = _pick(local, numwant, asker, None, 1, clocal, skip_at)
+            if len(chosen) >= numwant:
+                return chosen
+        else:
+            chosen = []
+            in_net = 0
+        # The asker's subnet is exhausted (so small): fill from the other subnets.
+        rest = _pick(everyone, numwant - len(chosen), asker, subnet, in_net + 1, ceveryone)
+        chosen.extend(rest)
         return chosen
 
     def expire_deploy(self, deploy: Deploy, now: float) -> int:

@@ -357,3 +357,22 @@ def test_compact_selection_is_the_selection_compacted(churn, seed, numwant):
     peers = r.select(deploy, asker, numwant)
     random.seed(seed)
     assert r.select(deploy, asker, numwant, compact=True) == [p.compact for p in peers]
+
+
+@pytest.mark.parametrize("left", [0, 100])
+def test_a_window_over_the_asker_leaves_it_out(left):
+    """A large swarm in one subnet: each random window that covers the asker (found by its
+    index, not by a search) still yields numwant distinct peers, never the asker."""
+    r = make()
+    for n in range(40):
+        announce(r, n, left=100 if n % 3 else 0)
+    deploy, me = announce(r, 7, left=left)
+    for seed in range(200):
+        random.seed(seed)
+        chosen = r.select(deploy, me, 10)
+        random.seed(seed)
+        compact = r.select(deploy, me, 10, compact=True)
+        assert me not in chosen and len(set(map(id, chosen))) == 10
+        assert compact == [p.compact for p in chosen]
+        if left == 0:
+            assert all(p.left != 0 for p in chosen)
