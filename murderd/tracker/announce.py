@@ -10,8 +10,10 @@ The announce and scrape counters are shared too: both transports count into them
 from __future__ import annotations
 
 import ipaddress
+import time
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
 
 from . import registry as reg
 
@@ -33,6 +35,43 @@ def in_networks(address: str | None, networks: list) -> bool:
     return any(ip in net for net in networks)
 
 
+class Count:
+    """One result's count: what a prometheus_client Counter child offers, without its lock.
+
+    The announce path increments value directly (a Counter takes a lock per increment);
+    everything runs on the event loop's thread.
+    """
+
+    __slots__ = ("value", "created")
+
+    def __init__(self):
+        self.value = 0
+        self.created = time.time()
+
+    def inc(self, amount: int = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+
+class _ByResult:
+    """Counts by result as one Prometheus counter family (name_total, name_created)."""
+
+    def __init__(self, name: str, documentation: str, results: tuple):
+        self.name = name
+        self.documentation = documentation
+        self.counts = {result: Count() for result in results}
+
+    def describe(self):
+        return [CounterMetricFamily(self.name, self.documentation, labels=["result"])]
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=["result"])
+        for result, count in self.counts.items():
+            family.add_metric([result], count.value, created=count.created)
+        yield family
+
+
 class Tracker:
     """The registry plus the [tracker] rules; configure() applies them live."""
 
@@ -40,24 +79,24 @@ class Tracker:
         self.registry = registry
         self.announces = 0  # every announce handled, whatever the transport and result
         self.configure(settings)
-        announces = Counter(
+        announces = _ByResult(
             "murderd_tracker_announces",
             "Announces by result (HTTP and UDP)",
-            ["result"],
-            registry=metrics,
+            ("ok", "unknown_deploy", "malformed"),
         )
-        self.announce_ok = announces.labels("ok")
-        self.announce_unknown = announces.labels("unknown_deploy")
-        self.announce_malformed = announces.labels("malformed")
-        scrapes = Counter(
+        metrics.register(announces)
+        self.announce_ok = announces.counts["ok"]
+        self.announce_unknown = announces.counts["unknown_deploy"]
+        self.announce_malformed = announces.counts["malformed"]
+        scrapes = _ByResult(
             "murderd_tracker_scrapes",
             "Scrapes by result (HTTP and UDP)",
-            ["result"],
-            registry=metrics,
+            ("ok", "unknown_deploy", "malformed"),
         )
-        self.scrape_ok = scrapes.labels("ok")
-        self.scrape_unknown = scrapes.labels("unknown_deploy")
-        self.scrape_malformed = scrapes.labels("malformed")
+        metrics.register(scrapes)
+        self.scrape_ok = scrapes.counts["ok"]
+        self.scrape_unknown = scrapes.counts["unknown_deploy"]
+        self.scrape_malformed = scrapes.counts["malformed"]
 
     def configure(self, settings: dict) -> None:
         """Take the live [tracker] keys (a config section dict)."""
@@ -107,7 +146,7 @@ class Tracker:
         the caller counts malformed requests, which never get here.
         """
         registry = self.registry
-        info_hash = registry.canonical(info_hash)
+        info_hash = registry.aliases.get(info_hash, info_hash)  # registry.canonical()
         deploy = registry.deploy(info_hash, now, create=event != reg.EVENT_STOPPED)
         if deploy is None:
             if event == reg.EVENT_STOPPED and (
@@ -115,10 +154,10 @@ class Tracker:
             ):
                 deploy = reg.Deploy(info_hash, registry.known.get(info_hash))
             else:
-                self.announce_unknown.inc()
+                self.announce_unknown.value += 1
                 return None
         peer = registry.announce(deploy, peer_id, ip, port, uploaded, downloaded, left, event, now)
-        self.announce_ok.inc()
+        self.announce_ok.value += 1
         chosen = registry.select(deploy, peer, numwant, compact) if peer is not None else []
         return deploy, chosen
 

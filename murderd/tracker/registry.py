@@ -375,7 +375,10 @@ class Registry:
         if deploy is not None:
             self.deploys.move_to_end(info_hash)
             deploy.last_seen = now
-            self.expire_deploy(deploy, now)
+            peers = deploy.peers
+            # expire_deploy(), called only when the least recently seen peer is due
+            if peers and next(iter(peers.values())).last_seen < now - self.peer_timeout:
+                self.expire_deploy(deploy, now)
             return deploy
         known = self.known.get(info_hash)
         if (known is None and self.allowlist) or not create:
@@ -430,13 +433,14 @@ class Registry:
             deploy._add_to_pools(peer)
             if event == EVENT_COMPLETED:
                 deploy.completed += 1
-            log.debug(
-                "deploy %s: peer %s port %d joined (%s)",
-                deploy.name,
-                ip,
-                port,
-                "seeding" if left == 0 else "downloading",
-            )
+            if log.isEnabledFor(logging.DEBUG):  # deploy.name is not free
+                log.debug(
+                    "deploy %s: peer %s port %d joined (%s)",
+                    deploy.name,
+                    ip,
+                    port,
+                    "seeding" if left == 0 else "downloading",
+                )
         else:
             peers.move_to_end(peer_id)
             if peer.ip != ip or peer.port != port or (peer.left == 0) != (left == 0):

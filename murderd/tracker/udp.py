@@ -71,6 +71,14 @@ _REPLY_HEAD = struct.Struct("!I4s")  # action, transaction id
 _SCRAPE_ENTRY = struct.Struct("!III")  # seeders, completed, leechers
 _WINDOW = struct.Struct("!Q")
 _UINT32 = struct.Struct("!I")
+# Bound once: the announce path's lookups.
+_header = _HEADER.unpack_from
+_announce = _ANNOUNCE.unpack_from
+_announce_reply = _ANNOUNCE_REPLY.pack
+_compare_digest = hmac.compare_digest
+_monotonic = time.monotonic
+_inet_ntoa = socket.inet_ntoa
+normalize_ip = announce_rules.normalize_ip
 
 
 class Refused(ValueError):
@@ -80,11 +88,12 @@ class Refused(ValueError):
 class _Counts:
     """Datagrams by action and result, as Prometheus counters read at scrape time.
 
-    A plain dict on the hot path (a prometheus_client Counter takes a lock per increment).
+    A plain dict on the hot path (a prometheus_client Counter takes a lock per increment),
+    and a plain int for the commonest of them, answered announces (no tuple key to hash).
     """
 
-    def __init__(self, counts: collections.Counter):
-        self.counts = counts
+    def __init__(self, udp: TrackerUDP):
+        self.udp = udp
 
     def describe(self):
         return []
@@ -95,7 +104,10 @@ class _Counts:
             "UDP tracker datagrams by action and result",
             labels=["action", "result"],
         )
-        for (action, result), value in sorted(self.counts.items()):
+        counts = self.udp.counts.copy()
+        if self.udp.announced:
+            counts[("announce", "ok")] += self.udp.announced
+        for (action, result), value in sorted(counts.items()):
             family.add_metric([action, result], value)
         yield family
 
@@ -115,11 +127,12 @@ class TrackerUDP:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.counts: collections.Counter = collections.Counter()
         self.announces = 0
+        self.announced = 0  # announces answered: counts[("announce", "ok")], kept apart
         self._ids: dict[str, tuple[int, bytes]] = {}  # host -> (window, its id)
         self._log_next = 0.0
         self._log_skipped = 0
         if metrics is not None:
-            metrics.register(_Counts(self.counts))
+            metrics.register(_Counts(self))
 
     # -- connection ids -------------------------------------------------------------------------
 
@@ -217,17 +230,32 @@ class TrackerUDP:
         are monotonic.
         """
         size = len(data)
-        if size < _HEADER.size:
+        if size < 16:  # _HEADER.size
             self._note("unknown", "malformed", host, f"{size}-byte datagram")
             return None
-        given, action, tid = _HEADER.unpack_from(data)
+        given, action, tid = _header(data)
         if "%" in host:  # an IPv6 scope id (fe80::1%eth0): not part of the address
             host = host.split("%", 1)[0]
         if action == ACTION_ANNOUNCE:
             if size < ANNOUNCE_SIZE:
                 self._note("announce", "malformed", host, f"{size}-byte announce")
                 return None
-        elif action == ACTION_SCRAPE:
+            # The common case first: this window's id, remembered for the host.
+            cached = self._ids.get(host)
+            if (
+                cached is None
+                or cached[0] != int(now // CONNECTION_WINDOW)
+                or not _compare_digest(given, cached[1])
+            ) and not self.valid_connection_id(given, host, now):
+                self._note("announce", "bad_connection_id", host, "bad or expired connection id")
+                return self.error(tid, "bad connection id")
+            try:
+                return self.announce(data, tid, host, _monotonic())
+            except Refused as exc:
+                self._note("announce", "malformed", host, str(exc))
+                self.core.announce_malformed.value += 1
+                return self.error(tid, str(exc))
+        if action == ACTION_SCRAPE:
             if size < _HEADER.size + 20:
                 self._note("scrape", "malformed", host, f"{size}-byte scrape")
                 return None
@@ -241,20 +269,14 @@ class TrackerUDP:
         else:
             self._note("unknown", "malformed", host, f"action {action}")
             return None
-        name = ACTION_NAMES[action]
         if not self.valid_connection_id(given, host, now):
-            self._note(name, "bad_connection_id", host, "bad or expired connection id")
+            self._note("scrape", "bad_connection_id", host, "bad or expired connection id")
             return self.error(tid, "bad connection id")
         try:
-            if action == ACTION_ANNOUNCE:
-                return self.announce(data, tid, host, time.monotonic())
             return self.scrape(data, tid, time.monotonic())
         except Refused as exc:
-            self._note(name, "malformed", host, str(exc))
-            if action == ACTION_ANNOUNCE:
-                self.core.announce_malformed.inc()
-            else:
-                self.core.scrape_malformed.inc()
+            self._note("scrape", "malformed", host, str(exc))
+            self.core.scrape_malformed.inc()
             return self.error(tid, str(exc))
 
     def announce(self, data: bytes, tid: bytes, host: str, now: float) -> bytes:
@@ -272,31 +294,35 @@ class TrackerUDP:
             _key,
             numwant,
             port,
-        ) = _ANNOUNCE.unpack_from(data, _HEADER.size)
-        if event >= len(EVENTS):
+        ) = _announce(data, 16)
+        if event >= 4:  # len(EVENTS)
             raise Refused(f"unknown event {event}")
         if port == 0:
             raise Refused("port 0 is outside 1-65535")
         if downloaded < 0 or left < 0 or uploaded < 0:
             raise Refused("downloaded, left and uploaded must not be negative")
+        source = normalize_ip(host)
+        # core.numwant(), inlined
+        numwant = core.numwant_default if numwant < 0 else min(numwant, core.numwant_max)
         try:
-            ip = core.peer_ip(host, socket.inet_ntoa(data[84:88]) if claimed else None)
+            ip = core.peer_ip(source, _inet_ntoa(data[84:88])) if claimed else source
             answer = core.announce(
                 info_hash, peer_id, ip, port, uploaded, downloaded, left, EVENTS[event],
-                core.numwant(numwant), now, compact=True,
+                numwant, now, compact=True,
             )  # fmt: skip
         except ValueError as exc:
             raise Refused(str(exc)) from None
         if answer is None:
             self.counts[("announce", "unknown_deploy")] += 1
             return self.error(tid, "unknown deploy " + core.registry.canonical(info_hash).hex())
-        self.counts[("announce", "ok")] += 1
+        self.announced += 1
         deploy, chosen = answer
-        head = _ANNOUNCE_REPLY.pack(
-            ACTION_ANNOUNCE, tid, core.interval, deploy.leechers, deploy.seeders
-        )
-        size = 18 if ":" in announce_rules.normalize_ip(host) else 6
+        pools = deploy.pools
+        head = _announce_reply(
+            ACTION_ANNOUNCE, tid, core.interval, len(pools[1]), len(pools[0])
+        )  # leechers, seeders
         peers = b"".join(chosen)
+        size = 18 if ":" in source else 6
         if len(peers) != size * len(chosen):  # both families: keep the asker's
             peers = b"".join([c for c in chosen if len(c) == size])
         return head + peers
