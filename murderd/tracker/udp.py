@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import errno
 import hashlib
 import hmac
 import logging
 import os
 import socket
 import struct
+import sys
 import time
 
 from prometheus_client import CollectorRegistry
@@ -79,6 +82,75 @@ _compare_digest = hmac.compare_digest
 _monotonic = time.monotonic
 _inet_ntoa = socket.inet_ntoa
 normalize_ip = announce_rules.normalize_ip
+
+SEND_SLOT = 4096  # bytes of reply batched by sendmmsg; a longer reply goes out on its own
+_NAME = 28  # sizeof(struct sockaddr_in6), room for either family
+_MMSG = 64  # sizeof(struct mmsghdr) on 64-bit Linux: 8 words
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+
+
+def _mmsg_calls():
+    """libc's recvmmsg and sendmmsg (64-bit Linux), or None: then recvfrom and sendto."""
+    if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
+    except (OSError, AttributeError):
+        return None
+    args = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    recvmmsg.argtypes = [*args, ctypes.c_void_p]
+    sendmmsg.argtypes = args
+    recvmmsg.restype = sendmmsg.restype = ctypes.c_int
+    return recvmmsg, sendmmsg
+
+
+class _Batch:
+    """Buffers for one recvmmsg and one sendmmsg of up to READ_BATCH datagrams.
+
+    Plain bytearrays seen as 64-bit words: struct mmsghdr is 8 words (msg_name,
+    msg_namelen, msg_iov, msg_iovlen, msg_control, msg_controllen, msg_flags, msg_len),
+    struct iovec 2 (base, len).  A reply goes to the address its datagram came from, read
+    from the receive side's msg_name buffer as it is.
+    """
+
+    def __init__(self, count: int):
+        self.count = count
+        self.data = bytearray(count * RECV_SIZE)
+        self.names = bytearray(count * _NAME)
+        self.out = bytearray(count * SEND_SLOT)
+        self.recv_msgs = bytearray(count * _MMSG)
+        self.send_msgs = bytearray(count * _MMSG)
+        recv_iovs = bytearray(count * 16)
+        send_iovs = bytearray(count * 16)
+        self._keep = (recv_iovs, send_iovs)
+        address = self.address
+        self.data_at, self.names_at = address(self.data), address(self.names)
+        self.recv_at, self.send_at = address(self.recv_msgs), address(self.send_msgs)
+        self.recv_words = memoryview(self.recv_msgs).cast("Q")
+        self.send_words = memoryview(self.send_msgs).cast("Q")
+        self.send_iov_words = memoryview(send_iovs).cast("Q")
+        recv_iov_words = memoryview(recv_iovs).cast("Q")
+        out_at, recv_iovs_at, send_iovs_at = (
+            address(self.out),
+            address(recv_iovs),
+            address(send_iovs),
+        )
+        for i in range(count):
+            recv_iov_words[2 * i] = self.data_at + i * RECV_SIZE
+            recv_iov_words[2 * i + 1] = RECV_SIZE
+            self.send_iov_words[2 * i] = out_at + i * SEND_SLOT
+            m = 8 * i
+            self.recv_words[m] = self.names_at + i * _NAME
+            self.recv_words[m + 1] = _NAME
+            self.recv_words[m + 2] = recv_iovs_at + 16 * i
+            self.recv_words[m + 3] = 1
+            self.send_words[m + 2] = send_iovs_at + 16 * i
+            self.send_words[m + 3] = 1
+
+    @staticmethod
+    def address(buffer: bytearray) -> int:
+        return ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
 
 
 class Refused(ValueError):
@@ -168,7 +240,14 @@ class TrackerUDP:
         """Serve sock (bound, non-blocking) from the running event loop."""
         self._sock = sock
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._readable)
+        calls = _mmsg_calls()
+        if calls is not None:
+            self._recvmmsg, self._sendmmsg = calls
+            self._batch = _Batch(READ_BATCH)
+            self._addrs: dict[bytes, tuple[str, int]] = {}  # sockaddr -> (host, port)
+            self._loop.add_reader(sock.fileno(), self._readable_mmsg)
+        else:
+            self._loop.add_reader(sock.fileno(), self._readable)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -203,12 +282,94 @@ class TrackerUDP:
                 replies.append((reply, addr))
         sendto = sock.sendto
         for reply, addr in replies:
-            try:
-                sendto(reply, addr)
-            except (BlockingIOError, InterruptedError):
+            self._send(sendto, reply, addr)
+
+    def _send(self, sendto, reply: bytes, addr) -> None:
+        try:
+            sendto(reply, addr)
+        except (BlockingIOError, InterruptedError):
+            self.counts[("reply", "dropped")] += 1
+        except OSError as exc:
+            self._note("reply", "socket_error", addr[0], str(exc))
+
+    def _readable_mmsg(self) -> None:
+        """_readable() with one recvmmsg and one sendmmsg per batch (Linux).
+
+        Two system calls a burst instead of two a datagram, and no exception to end each
+        burst: on loopback about 1 µs less CPU per announce.
+        """
+        sock = self._sock
+        batch = self._batch
+        fd = sock.fileno()
+        count = self._recvmmsg(fd, batch.recv_at, batch.count, 0, None)
+        if count <= 0:
+            if count < 0:
+                err = ctypes.get_errno()
+                if err not in _AGAIN:  # e.g. an ICMP error for an earlier reply
+                    self._note("any", "socket_error", "-", str(OSError(err, os.strerror(err))))
+            return
+        words, send_words, send_iov_words = batch.recv_words, batch.send_words, batch.send_iov_words
+        data, names, out = batch.data, batch.names, batch.out
+        addrs = self._addrs
+        received = self.datagram_received
+        sent_to = []
+        for i in range(count):
+            m = 8 * i
+            size = words[m + 7] & 0xFFFFFFFF
+            name_size = words[m + 1] & 0xFFFFFFFF
+            words[m + 1] = _NAME  # the kernel wrote the address's size there
+            at = i * RECV_SIZE
+            name = bytes(names[i * _NAME : i * _NAME + name_size])
+            addr = addrs.get(name)
+            if addr is None:
+                addr = self._address(name)
+                if addr is None:
+                    continue
+            reply = received(bytes(data[at : at + size]), addr)
+            if reply is None:
+                continue
+            length = len(reply)
+            if length > SEND_SLOT:
+                self._send(sock.sendto, reply, addr)
+                continue
+            k = len(sent_to)
+            at = k * SEND_SLOT
+            out[at : at + length] = reply
+            send_iov_words[2 * k + 1] = length
+            send_words[8 * k] = batch.names_at + i * _NAME
+            send_words[8 * k + 1] = name_size
+            sent_to.append(addr)
+        done = 0
+        while done < len(sent_to):
+            sent = self._sendmmsg(fd, batch.send_at + done * _MMSG, len(sent_to) - done, 0)
+            if sent > 0:
+                done += sent
+                continue
+            err = ctypes.get_errno()  # the reply at done failed: drop it, go on
+            if err in _AGAIN:
                 self.counts[("reply", "dropped")] += 1
-            except OSError as exc:
-                self._note("reply", "socket_error", addr[0], str(exc))
+            else:
+                self._note(
+                    "reply", "socket_error", sent_to[done][0], str(OSError(err, os.strerror(err)))
+                )
+            done += 1
+
+    def _address(self, name: bytes) -> tuple[str, int] | None:
+        """(host, port) for a struct sockaddr as the kernel wrote it; remembered."""
+        family = int.from_bytes(name[:2], sys.byteorder)
+        try:
+            if family == socket.AF_INET:
+                host = socket.inet_ntop(socket.AF_INET, name[4:8])
+            elif family == socket.AF_INET6:
+                host = socket.inet_ntop(socket.AF_INET6, name[8:24])
+            else:
+                return None
+        except (OSError, ValueError):
+            return None
+        if len(self._addrs) >= ID_CACHE_SIZE:
+            self._addrs.clear()
+        addr = self._addrs[name] = (host, int.from_bytes(name[2:4], "big"))
+        return addr
 
     def datagram_received(self, data: bytes, addr) -> bytes | None:
         try:

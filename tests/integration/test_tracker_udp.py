@@ -465,3 +465,73 @@ def test_a_fleet_deploys_through_the_udp_tracker_alone(fleet_factory, tmp_path):
         and sample.labels.get("action") == "announce"
     )
     assert udp_announces >= 3  # the seeder and both peers
+
+
+@pytest.mark.parametrize("mmsg", [True, False], ids=["recvmmsg", "recvfrom"])
+def test_a_burst_gets_every_reply_whichever_way_the_socket_is_read(monkeypatch, mmsg):
+    """More datagrams than one batch, garbage among them, and a reply too long for a
+    sendmmsg slot: each well-formed datagram is answered, in-process, on both socket paths
+    (recvmmsg/sendmmsg on Linux, recvfrom/sendto elsewhere)."""
+    import asyncio
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from murderd.tracker import announce, udp
+    from murderd.tracker import registry as reg
+
+    if not mmsg:
+        monkeypatch.setattr(udp, "_mmsg_calls", lambda: None)
+    elif udp._mmsg_calls() is None:
+        pytest.skip("no recvmmsg here")
+    ih = bytes(range(20))
+    registry = reg.Registry(allowlist=True)
+    registry.add_known(ih, "burst.bin", 1000, "test")
+    settings = {
+        "interval": 60,
+        "min_interval": 1,
+        "numwant_default": 50,
+        "numwant_max": 1000,
+        "trusted_networks": [],
+    }
+    core = announce.Tracker(registry, settings, CollectorRegistry())
+    for n in range(800):  # enough peers for a reply longer than udp.SEND_SLOT
+        ip = f"10.{n // 250}.{n % 250}.1"
+        core.announce(ih, pid(1000 + n), ip, 6000, 0, 0, 5, reg.EVENT_STARTED, 0, time.monotonic())
+    tracker = udp.TrackerUDP(core, CollectorRegistry())
+
+    async def burst() -> dict:
+        tracker.open(udp.bind_socket("127.0.0.1", 0))
+        client = BEP15(tracker._sock.getsockname()[1])
+        client.sock.setblocking(False)
+        connect = struct.pack("!QI4s", PROTOCOL_ID, 0, b"tid0")
+        client.cid = tracker.handle(connect, "127.0.0.1", time.time())[8:16]  # no loop yet
+        sent = {}
+        for n in range(150):
+            tid = struct.pack("!I", 5000 + n)
+            numwant = 800 if n == 7 else 10
+            rest = struct.pack(
+                "!20s20sqqqIIIiH", ih, pid(n), 0, 10, 0, EVENT_STARTED, 0, 0, numwant, 7000 + n
+            )
+            client.sock.send(client.cid + struct.pack("!I", 1) + tid + rest)
+            sent[tid] = numwant
+            if n % 10 == 0:
+                client.sock.send(b"\xff" * (n % 30))  # dropped without a reply
+        replies = {}
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            try:
+                while True:
+                    reply = client.sock.recv(65536)
+                    replies[reply[4:8]] = reply
+            except BlockingIOError:
+                pass
+            if len(replies) == len(sent):
+                break
+        client.close()
+        tracker.close()
+        return {tid: (replies.get(tid), numwant) for tid, numwant in sent.items()}
+
+    for tid, (reply, numwant) in asyncio.run(burst()).items():
+        assert reply is not None and reply[:4] == struct.pack("!I", 1), (tid, reply)
+        assert len(reply) == 20 + 6 * numwant
