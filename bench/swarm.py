@@ -190,10 +190,13 @@ def run_murderd(
         daemons.append(Daemon("peer", cfg, base, env, bed.exec_prefix(host)))
     name = source.name
     try:
-        for daemon in daemons:
-            daemon.start(wait=False)
-        for daemon in daemons:
-            daemon.wait_message("READY=1", 60)
+        # The source host first, then the peers: a fleet is up before a deploy lands, and a
+        # peer whose first index.json fetch found no seeder would wait out its retry.
+        for group in (daemons[:2], daemons[2:]):
+            for daemon in group:
+                daemon.start(wait=False)
+            for daemon in group:
+                daemon.wait_message("READY=1", 60)
         # The file is linked in under a temporary name first: the drop itself is one rename.
         staged = drop_dir / f"{name}.part"
         try:

@@ -6,7 +6,8 @@ generation, and the follower asks it to hold the answer until the generation mov
 deploy published or removed), so a new deploy is seen at once however long follow_interval
 is.  Any other server (a plain file behind nginx, an older seeder) is polled every
 follow_interval.  After an error (the seeder down or restarting) the index is tried again
-after 1, 2, 4 ... seconds, at most follow_interval apart.
+after 0.25, 0.5, 1, 2 ... seconds, at most follow_interval apart (a peer started with
+its seeder, as in a fresh fleet, catches the seeder's first second).
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from typing import Callable
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
+from . import slices
+
 log = logging.getLogger(__name__)
 
 FETCH_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ValueError)
 WAIT = 25.0  # how long a long poll asks the seeder to hold index.json
-RETRY_FIRST = 1.0  # seconds before the first retry of a failed fetch
+RETRY_FIRST = 0.25  # seconds before the first retry of a failed fetch (then doubled)
 QUICK = 0.5  # an unchanged index answered faster than this: the server does not long-poll
 
 
@@ -48,10 +52,12 @@ async def fetch(client: aiohttp.ClientSession, url: str, timeout: float, cap: in
         return bytes(data)
 
 
-def long_poll_url(url: str, generation: str, wait: float) -> str:
-    """url with after=generation and wait=seconds added to its query."""
+def with_query(url: str, params: dict) -> str:
+    """url with params added to its query (none: url as it is)."""
+    if not params:
+        return url
     parts = urlsplit(url)
-    query = urlencode({"after": generation, "wait": f"{wait:g}"})
+    query = urlencode(params)
     return urlunsplit(parts._replace(query=f"{parts.query}&{query}".lstrip("&")))
 
 
@@ -63,13 +69,15 @@ class Follower:
         client: Callable[[], aiohttp.ClientSession],
         settings: Callable[[], dict],
         known: Callable[[str], bool],
-        accept: Callable[[bytes, str], None],
+        accept: Callable[[bytes, str, tuple[int, int] | None], None],
     ):
         self.client = client  # the daemon's HTTP client (made at start)
         self.settings = settings  # the live [peer] section (follow, follow_interval ...)
         self.known = known  # is this info-hash already one of the host's deploys?
-        self.accept = accept  # (torrent bytes, its URL)
+        self.accept = accept  # (torrent bytes, its URL, its slice or None: slices.py)
         self.fetching: set[str] = set()  # info-hashes taken from the index, not yet known
+        # Who this process is to the seeder (?peer=), for the slices it deals out.
+        self.ident = os.urandom(8).hex()
 
     async def fetch(self, url: str) -> bytes:
         c = self.settings()
@@ -109,9 +117,12 @@ class Follower:
         could not be fetched: the index is then read again without one) and whether a torrent
         could not be fetched.
         """
-        wait = min(WAIT, self.settings()["url_timeout"] / 2)
+        c = self.settings()
+        wait = min(WAIT, c["url_timeout"] / 2)
+        params = {"peer": self.ident} if c["slices"] else {}
         if generation is not None and wait >= 1:
-            url = long_poll_url(url, generation, wait)
+            params.update(after=generation, wait=f"{wait:g}")
+        url = with_query(url, params)
         index = await self.fetch(url)
         try:
             parsed = json.loads(index)
@@ -138,5 +149,6 @@ class Follower:
                 self.fetching.discard(info_hash)
                 seen, failed = None, True
                 continue
-            self.accept(data, torrent_url)
+            part = slices.parse_slice(item.get("slice")) if c["slices"] else None
+            self.accept(data, torrent_url, part)
         return seen, failed

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import follow, fsutil, httpserver, metrics, publish, runtime, torrent
+from . import follow, fsutil, httpserver, metrics, publish, runtime, slices, torrent
 from .lt import (
     lt,
     prioritize_pieces,
@@ -99,6 +99,7 @@ class PeerDeploy:
         self.stall_placing = False  # the stall came while placing (destination full)
         self.completing = False  # verify/place under way (one at a time)
         self.top_band: list[int] = []  # staggered start: preferred pieces, until had
+        self.gate: slices.Gate | None = None  # its slice of the seeder's, while it gates
 
     def record(self) -> dict:
         return {key: getattr(self, key) for key in self.FIELDS}
@@ -128,6 +129,7 @@ class PeerService(SwarmService):
                 "follow",
                 "follow_interval",
                 "corrupt_peer_block_seconds",
+                "slices",
             )
         }
     )
@@ -147,11 +149,12 @@ class PeerService(SwarmService):
             client=lambda: self.client,
             settings=lambda: self.cfg["peer"],
             known=lambda info_hash: info_hash in self.deploys,
-            accept=lambda data, url: self._accept(data, source=url, drop_path=None),
+            accept=lambda data, url, part: self._accept(data, url, None, part),
         )
         self.hash_failures_total = 0
         self.blocked: dict[str, float] = {}  # address -> when it was blocked (monotonic)
         self.flush_waiters: dict[str, asyncio.Future] = {}
+        self.gate_task: asyncio.Task | None = None
         self.metrics = metrics.DaemonMetrics("peer", lambda: self.session)
 
     # --- life cycle -------------------------------------------------------------------
@@ -306,8 +309,13 @@ class PeerService(SwarmService):
         except OSError as exc:
             log.error("cannot quarantine %s: %s", name, exc)
 
-    def _accept(self, data: bytes, source: str, drop_path: Path | None) -> None:
-        """Validate a torrent; start it, or quarantine it with the reason."""
+    def _accept(
+        self, data: bytes, source: str, drop_path: Path | None, part: tuple | None = None
+    ) -> None:
+        """Validate a torrent; start it, or quarantine it with the reason.
+
+        part: (index, count), the slice of its pieces the seeder dealt this peer (slices.py).
+        """
         c = self.cfg["peer"]
 
         def reject(reason):
@@ -343,6 +351,8 @@ class PeerService(SwarmService):
             info_hash=parsed.info_hash, name=parsed.name, size=parsed.total_size, source=source
         )
         deploy.torrent = parsed
+        if part is not None:
+            deploy.gate = slices.Gate(part[0], part[1], time.monotonic())
         self.deploys[deploy.info_hash] = deploy
         self._write_state(deploy)
         self._consume(drop_path)
@@ -354,6 +364,8 @@ class PeerService(SwarmService):
             deploy.size,
             len(parsed.files),
         )
+        if deploy.gate is not None:
+            log.info("deploy %s: slice %d of %d from the seeder", deploy.name, *part)
         self._add_to_session(deploy)
 
     @staticmethod
@@ -385,9 +397,49 @@ class PeerService(SwarmService):
         params.flags &= ~lt.torrent_flags.seed_mode
         fsutil.ensure_dir(self._staging(deploy))
         deploy.handle = self.session.add_torrent(params)
-        self._stagger(deploy)
+        if deploy.gate is not None:
+            self._gate(deploy, time.monotonic())  # before libtorrent asks for anything
+            if self.gate_task is None or self.gate_task.done():
+                self.gate_task = self.spawn(self._gate_loop())
+        else:
+            self._stagger(deploy)
         if deploy.state not in ("downloading", "stalled"):
             self._set_state(deploy, "downloading")
+
+    async def _gate_loop(self) -> None:
+        """Every slices.GATE_EVERY s while a deploy gates: its piece priorities (slices.py)."""
+        while True:
+            gated = [d for d in self.deploys.values() if d.gate is not None]
+            if not gated:
+                return
+            now = time.monotonic()
+            for deploy in gated:
+                try:
+                    self._gate(deploy, now)
+                except Exception:
+                    log.exception("deploy %s: cannot gate its pieces", deploy.name)
+                    deploy.gate = None
+            await asyncio.sleep(slices.GATE_EVERY)
+
+    def _gate(self, deploy: PeerDeploy, now: float) -> None:
+        gate = deploy.gate
+        handle = deploy.handle
+        if deploy.state not in ("queued", "downloading", "stalled"):
+            deploy.gate = None
+            return
+        if handle is None or not handle.is_valid() or deploy.state == "stalled":
+            gate.pause(now)
+            return
+        status = handle.status(0)
+        if status.is_seeding:
+            deploy.gate = None
+        elif not gate.update(handle, status.total_payload_download, now):
+            deploy.gate = None
+            log.info(
+                "deploy %s: no data for %g s with slices: any piece from anyone now",
+                deploy.name,
+                slices.STALL_SECONDS,
+            )
 
     def _stagger(self, deploy: PeerDeploy) -> None:
         """Among equally rare pieces, prefer the half of the file after a random offset.

@@ -20,8 +20,9 @@ from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import Gauge
 
-from . import fsutil, httpserver, metrics, runtime, torrent
+from . import fsutil, httpserver, metrics, runtime, slices, torrent
 from .lt import lt
 from .swarm import SwarmService
 
@@ -42,6 +43,7 @@ class Deploy:
         self.created = made["created"]
         self.sources = made["sources"]  # [[abspath, size, mtime_ns]]
         self.handle = None
+        self.slices: dict[str, int] = {}  # follower -> its slice (slices.py); not kept
 
     def record(self) -> dict:
         return {
@@ -66,7 +68,9 @@ class SeederService(SwarmService):
     name = "seeder"
     section = "seeder"
     fingerprint = "-MS0100-"
-    live_keys = frozenset({("seeder", "upload_rate_limit"), ("seeder", "ignore_suffixes")})
+    live_keys = frozenset(
+        {("seeder", "upload_rate_limit"), ("seeder", "ignore_suffixes"), ("seeder", "slices")}
+    )
 
     def __init__(self, cfg):
         super().__init__(cfg, pool_name="hash")
@@ -87,6 +91,12 @@ class SeederService(SwarmService):
         self.index_count = 0
         self.index_event: asyncio.Event | None = None  # set when the followers are answered
         self.index_closed = False
+        self.followers = slices.Followers()  # who follows index.json (for slices)
+        Gauge(
+            "murderd_seeder_followers",
+            "Peers following index.json now (a long poll open, or answered in the last 10 s)",
+            registry=self.metrics.registry,
+        ).set_function(lambda: len(self.followers.live(time.monotonic())))
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -298,6 +308,10 @@ class SeederService(SwarmService):
             },
         )
         fsutil.atomic_write(self._torrent_path(name), made.data)
+        if self.cfg["seeder"]["slices"]:  # before _save_state() answers the followers
+            deploy.slices = self.followers.assign(time.monotonic())
+            if deploy.slices:
+                log.info("deploy %s: %d slices for the peers following", name, len(deploy.slices))
         self.deploys[name] = deploy
         self._save_state()
         self._seed(deploy, torrent.parse(made.data))
@@ -440,22 +454,24 @@ class SeederService(SwarmService):
         app.router.add_get("/metrics", self.metrics.handle)
         return app
 
-    def index(self) -> list[dict]:
+    def index(self, follower: str | None = None) -> list[dict]:
+        """The deploys; for a follower given a slice of one, its "slice": [index, count]."""
         out = []
         for d in sorted(self.deploys.values(), key=lambda d: d.created):
             valid = d.handle is not None and d.handle.is_valid()
             st = d.handle.status() if valid else None
-            out.append(
-                {
-                    "name": d.name,
-                    "info_hash": d.info_hash,
-                    "size": d.size,
-                    "created": d.created,
-                    "url": self.torrent_url(d.name),
-                    "uploaded": st.all_time_upload if st else 0,
-                    "peers": st.num_peers if st else 0,
-                }
-            )
+            item = {
+                "name": d.name,
+                "info_hash": d.info_hash,
+                "size": d.size,
+                "created": d.created,
+                "url": self.torrent_url(d.name),
+                "uploaded": st.all_time_upload if st else 0,
+                "peers": st.num_peers if st else 0,
+            }
+            if follower is not None and follower in d.slices:
+                item["slice"] = [d.slices[follower], len(d.slices)]
+            out.append(item)
         return out
 
     async def _index(self, request: web.Request) -> web.Response:
@@ -465,17 +481,25 @@ class SeederService(SwarmService):
         plain file a web server would serve instead.
         """
         after = request.query.get("after")
-        if after is not None:
-            try:
-                wait = float(request.query.get("wait", "0"))
-            except ValueError:
-                wait = 0.0
-            await self._index_wait(after, wait)
+        follower = slices.follower_id(request.query.get("peer"))
+        if follower is not None:
+            self.followers.enter(follower)
+        try:
+            if after is not None:
+                try:
+                    wait = float(request.query.get("wait", "0"))
+                except ValueError:
+                    wait = 0.0
+                await self._index_wait(after, wait)
+        finally:
+            if follower is not None:
+                self.followers.leave(follower, time.monotonic())
         if self.index_closed:
             # Not an unchanged index (a follower would take it for a server that does not
             # long-poll, and wait follow_interval): an error, retried soon.
             raise web.HTTPServiceUnavailable(text="the seeder is stopping\n")
-        return web.json_response({"generation": self.index_generation, "deploys": self.index()})
+        deploys = self.index(follower)
+        return web.json_response({"generation": self.index_generation, "deploys": deploys})
 
     async def _torrent_file(self, request: web.Request) -> web.StreamResponse:
         file = request.match_info["file"]

@@ -108,7 +108,7 @@ def test_follow_long_polls_the_seeder(fleet_factory, tmp_path):
 
 
 def test_follow_retries_soon_after_the_seeder_was_down(fleet_factory, tmp_path):
-    """A failed follow fetch is retried after 1, 2, 4 ... s, not after follow_interval."""
+    """A failed follow fetch is retried after 0.25, 0.5, 1 ... s, not after follow_interval."""
     fleet = fleet_factory(1, follow=True, peer={"follow_interval": 600}).start()
     assert fleet.seeder.stop(timeout=20) == 0
     wait_for(

@@ -1,0 +1,86 @@
+"""Seeder slices end to end: real seeder, tracker and following peers on loopback."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import urllib.request
+
+from deploykit import MiB, random_file, sha256
+
+from murderd.localfleet import wait_for
+
+
+def seeder_metric(fleet, name: str) -> float:
+    with urllib.request.urlopen(f"{fleet.seeder_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else -1.0
+
+
+def fetch_index(fleet, query: str = "", timeout: float = 10) -> dict:
+    with urllib.request.urlopen(f"{fleet.seeder_url}/index.json{query}", timeout=timeout) as r:
+        return json.load(r)
+
+
+def wait_followers(fleet, count: int) -> None:
+    wait_for(
+        lambda: seeder_metric(fleet, "murderd_seeder_followers") >= count,
+        30,
+        what=f"{count} peers to follow the seeder",
+    )
+
+
+def test_each_following_peer_gets_its_own_slice(fleet_factory, tmp_path):
+    fleet = fleet_factory(3, follow=True).start()
+    wait_followers(fleet, 3)
+    want = random_file(tmp_path / "web-2.0.bin", 8 * MiB)
+    fleet.drop(tmp_path / "web-2.0.bin")
+    for peer in range(3):
+        dest = fleet.peer_destination(peer) / "web-2.0.bin"
+        wait_for(dest.exists, 60, what=f"peer{peer + 1} to place the file")
+        assert sha256(dest) == want
+    dealt = []
+    for peer in range(3):
+        found = re.search(r"slice (\d+) of (\d+) from the seeder", fleet.peers[peer].log_text())
+        assert found, f"peer{peer + 1} was given no slice"
+        dealt.append((int(found.group(1)), int(found.group(2))))
+    assert sorted(dealt) == [(0, 3), (1, 3), (2, 3)]
+    assert "3 slices for the peers following" in fleet.seeder.log_text()
+    # A plain reader of index.json (no ?peer=) sees no slice.
+    assert "slice" not in fetch_index(fleet)["deploys"][0]
+
+
+def test_a_slice_owner_that_never_downloads_holds_nobody_up(fleet_factory, tmp_path):
+    """A follower that takes a slice and vanishes: the others wait STALL_SECONDS, then fetch
+    its pieces from the seeder."""
+    fleet = fleet_factory(1, follow=True, peer={"follow_interval": 600}).start()
+    wait_followers(fleet, 1)
+    generation = fetch_index(fleet)["generation"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # The ghost: holds a long poll like a peer would, then never downloads anything.
+        ghost = pool.submit(fetch_index, fleet, f"?after={generation}&wait=50&peer=ghost", 60)
+        wait_followers(fleet, 2)
+        want = random_file(tmp_path / "api-3.1.bin", 4 * MiB)
+        fleet.drop(tmp_path / "api-3.1.bin")
+        answer = ghost.result(timeout=60)
+    assert answer["deploys"][0]["slice"][1] == 2
+    dest = fleet.peer_destination(0) / "api-3.1.bin"
+    wait_for(dest.exists, 60, what="the peer to place the file without the ghost's help")
+    assert sha256(dest) == want
+    log = fleet.peers[0].log_text()
+    assert re.search(r"slice \d of 2 from the seeder", log)
+    assert "any piece from anyone now" in log
+
+
+def test_slices_off_on_the_peer(fleet_factory, tmp_path):
+    fleet = fleet_factory(2, follow=True, peer={"slices": False}).start()
+    want = random_file(tmp_path / "db-1.0.bin", 2 * MiB)
+    fleet.drop(tmp_path / "db-1.0.bin")
+    for peer in range(2):
+        dest = fleet.peer_destination(peer) / "db-1.0.bin"
+        wait_for(dest.exists, 60, what=f"peer{peer + 1} to place the file")
+        assert sha256(dest) == want
+        assert "from the seeder" not in fleet.peers[peer].log_text()
+    assert seeder_metric(fleet, "murderd_seeder_followers") == 0
