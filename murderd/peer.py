@@ -435,11 +435,14 @@ class PeerService(SwarmService):
             deploy.gate = None
         elif not gate.update(handle, status.total_payload_download, now):
             deploy.gate = None
-            log.info(
-                "deploy %s: no data for %g s with slices: any piece from anyone now",
-                deploy.name,
-                slices.STALL_SECONDS,
-            )
+            if gate.ended == "stalled":
+                log.info(
+                    "deploy %s: no data for %g s with slices: any piece from anyone now",
+                    deploy.name,
+                    slices.STALL_SECONDS,
+                )
+            else:
+                log.debug("deploy %s: own slice in: any piece from anyone now", deploy.name)
 
     def _stagger(self, deploy: PeerDeploy) -> None:
         """Among equally rare pieces, prefer the half of the file after a random offset.

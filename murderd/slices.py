@@ -12,7 +12,13 @@ for pieces another peer already has: a piece only a seed has (availability 1) is
 slice's owner.  What a peer gets from the seeder is then its slice, and the rest comes from
 the other peers.
 
-Nothing waits on a slice owner that is gone or slow: when no payload arrived for
+The last pieces of a slice whose owner lags (its download link is shared by the seeder's
+flow and every other peer's, so the seeder's share can fall below 1/n) are taken by the
+peers that are done with their own slices: RELEASE_SECONDS after its own slice is complete
+a peer no longer holds pieces back (bench, N=8, medians of 3 runs, interleaved: never
+released 8.9 and 8.9 s, 0.5 s 8.2 and 8.2 s; 1.5 s 8.3 and 8.7 s against 0.5 s 7.9 and
+8.2 s; released by a drop in the download rate instead 8.4 and 8.4 s against 8.1 and
+8.0 s).  Nothing waits on a slice owner that is gone: when no payload arrived for
 STALL_SECONDS the peer drops the gate and asks for every piece from anyone, as without
 slices.  A peer with no slice (it was not following when the deploy was published, the
 seeder is not a murder-seeder, or a restart lost the assignment) never gates.
@@ -27,6 +33,7 @@ log = logging.getLogger(__name__)
 
 GATE_EVERY = 0.1  # seconds between gate updates of a downloading deploy
 STALL_SECONDS = 2.0  # no payload for this long: stop gating
+RELEASE_SECONDS = 0.5  # own slice complete this long: take held pieces from the seeder too
 RECENT_SECONDS = 10.0  # a follower answered this recently still counts as following
 MAX_FOLLOWERS = 100_000  # distinct follower ids remembered (the rest get no slice)
 MAX_SLICES = 1_000_000
@@ -103,20 +110,36 @@ class Gate:
         self.payload = -1
         self.progress_at = now
         self.last: list[int] = []
+        self.missing: list[int] | None = None  # own pieces not had yet
+        self.own_done_at: float | None = None
+        self.ended = ""  # why the gate is off: "stalled" or "released"
 
     def pause(self, now: float) -> None:
         """Not downloading now (stalled, checking): the stall clock starts over later."""
         self.progress_at = now
 
     def update(self, handle, payload: int, now: float) -> bool:
-        """Set the priorities; False when the gate is done (stalled: priorities uniform)."""
+        """Set the priorities; False when the gate is off (self.ended says why)."""
         if payload != self.payload:
             self.payload = payload
             self.progress_at = now
+        availability = handle.piece_availability()
+        if not availability:  # not ready yet (checking its files)
+            return True
+        if self.missing is None:
+            self.missing = list(range(self.index, len(availability), self.count))
+        if self.missing:
+            self.missing = [p for p in self.missing if not handle.have_piece(p)]
+            if not self.missing:
+                self.own_done_at = now
         if now - self.progress_at >= STALL_SECONDS:
-            handle.prioritize_pieces([4] * len(self.last or handle.piece_availability()))
+            self.ended = "stalled"
+        elif self.own_done_at is not None and now - self.own_done_at >= RELEASE_SECONDS:
+            self.ended = "released"
+        if self.ended:
+            handle.prioritize_pieces([4] * len(availability))  # libtorrent's default
             return False
-        wanted = priorities(handle.piece_availability(), self.index, self.count)
+        wanted = priorities(availability, self.index, self.count)
         if wanted != self.last:
             handle.prioritize_pieces(wanted)
             self.last = wanted

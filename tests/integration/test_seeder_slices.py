@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import re
+import signal
 import urllib.request
 
 from deploykit import MiB, random_file, sha256
@@ -53,25 +55,53 @@ def test_each_following_peer_gets_its_own_slice(fleet_factory, tmp_path):
 
 
 def test_a_slice_owner_that_never_downloads_holds_nobody_up(fleet_factory, tmp_path):
-    """A follower that takes a slice and vanishes: the others wait STALL_SECONDS, then fetch
-    its pieces from the seeder."""
+    """A follower that takes a slice and vanishes: once its own slice is in, the peer takes
+    the vanished one's pieces from the seeder too."""
     fleet = fleet_factory(1, follow=True, peer={"follow_interval": 600}).start()
-    wait_followers(fleet, 1)
-    generation = fetch_index(fleet)["generation"]
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        # The ghost: holds a long poll like a peer would, then never downloads anything.
-        ghost = pool.submit(fetch_index, fleet, f"?after={generation}&wait=50&peer=ghost", 60)
-        wait_followers(fleet, 2)
-        want = random_file(tmp_path / "api-3.1.bin", 4 * MiB)
-        fleet.drop(tmp_path / "api-3.1.bin")
-        answer = ghost.result(timeout=60)
-    assert answer["deploys"][0]["slice"][1] == 2
+    want = deal_with_a_ghost(fleet, tmp_path / "api-3.1.bin", 4 * MiB)
     dest = fleet.peer_destination(0) / "api-3.1.bin"
     wait_for(dest.exists, 60, what="the peer to place the file without the ghost's help")
     assert sha256(dest) == want
-    log = fleet.peers[0].log_text()
-    assert re.search(r"slice \d of 2 from the seeder", log)
-    assert "any piece from anyone now" in log
+    assert re.search(r"slice \d of 2 from the seeder", fleet.peers[0].log_text())
+
+
+def test_no_data_for_a_while_lifts_the_gate(fleet_factory, tmp_path):
+    """The seeder freezes while the peer still lacks some of its own slice: after
+    STALL_SECONDS without data the peer stops gating (and completes once the seeder is back)."""
+    fleet = fleet_factory(
+        1, follow=True, seeder={"upload_rate_limit": MiB}, peer={"follow_interval": 600}
+    ).start()
+    want = deal_with_a_ghost(fleet, tmp_path / "job-7.bin", 8 * MiB)
+    wait_for(
+        lambda: "-> downloading" in fleet.peers[0].log_text(), 30, what="the download to start"
+    )
+    os.kill(fleet.seeder.proc.pid, signal.SIGSTOP)  # its slice takes 4 s at 1 MiB/s
+    try:
+        wait_for(
+            lambda: "with slices: any piece from anyone now" in fleet.peers[0].log_text(),
+            30,
+            what="the peer to lift its gate",
+        )
+    finally:
+        os.kill(fleet.seeder.proc.pid, signal.SIGCONT)
+    dest = fleet.peer_destination(0) / "job-7.bin"
+    wait_for(dest.exists, 60, what="the peer to place the file")
+    assert sha256(dest) == want
+
+
+def deal_with_a_ghost(fleet, path, size: int) -> str:
+    """Publish path while the peer and a ghost follower (a long poll that never downloads)
+    follow the seeder: 2 slices.  Its sha256."""
+    wait_followers(fleet, 1)
+    generation = fetch_index(fleet)["generation"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        ghost = pool.submit(fetch_index, fleet, f"?after={generation}&wait=50&peer=ghost", 60)
+        wait_followers(fleet, 2)
+        want = random_file(path, size)
+        fleet.drop(path)
+        answer = ghost.result(timeout=60)
+    assert answer["deploys"][0]["slice"][1] == 2
+    return want
 
 
 def test_slices_off_on_the_peer(fleet_factory, tmp_path):
