@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 GATE_EVERY = 0.1  # seconds between gate updates of a downloading deploy
 STALL_SECONDS = 2.0  # no payload for this long: stop gating
 RELEASE_SECONDS = 0.5  # own slice complete this long: take held pieces from the seeder too
+# Above this many slices, no release: stealers would be many, each asking the seeder for
+# the same held pieces (measured up to 16; a peer with an empty slice never releases).
+RELEASE_MAX_SLICES = 64
 RECENT_SECONDS = 10.0  # a follower answered this recently still counts as following
 MAX_FOLLOWERS = 100_000  # distinct follower ids remembered (the rest get no slice)
 MAX_SLICES = 1_000_000
@@ -112,6 +115,7 @@ class Gate:
         self.last: list[int] = []
         self.missing: list[int] | None = None  # own pieces not had yet
         self.own_done_at: float | None = None
+        self.may_release = False
         self.ended = ""  # why the gate is off: "stalled" or "released"
 
     def pause(self, now: float) -> None:
@@ -128,13 +132,18 @@ class Gate:
             return True
         if self.missing is None:
             self.missing = list(range(self.index, len(availability), self.count))
+            self.may_release = bool(self.missing) and self.count <= RELEASE_MAX_SLICES
         if self.missing:
             self.missing = [p for p in self.missing if not handle.have_piece(p)]
             if not self.missing:
                 self.own_done_at = now
         if now - self.progress_at >= STALL_SECONDS:
             self.ended = "stalled"
-        elif self.own_done_at is not None and now - self.own_done_at >= RELEASE_SECONDS:
+        elif (
+            self.may_release
+            and self.own_done_at is not None
+            and now - self.own_done_at >= RELEASE_SECONDS
+        ):
             self.ended = "released"
         if self.ended:
             handle.prioritize_pieces([4] * len(availability))  # libtorrent's default
