@@ -3,19 +3,22 @@
 Diagnosis for the swarm benchmark: run it with ``--lt-set trace_blocks=DIR`` (each peer then
 writes one line per block it receives, see bench/ltoverride/sitecustomize.py), then
 
-    python3 -m bench.blocktrace DIR [--source IP] [--pieces FROM TO]
+    python3 -m bench.blocktrace DIR [--source IP] [--pieces FROM TO] [--slices LOGDIR]
 
 prints, for the source (by default the address that sent the most blocks): how many times
 each piece left it, per second how many of its blocks went to a second or later peer
 ("duplicates": upload that a peer could have forwarded instead), and per peer how much came
 from the source.  ``--pieces FROM TO`` lists which pieces each peer took from the source in
-that time window (seconds from the first block).
+that time window (seconds from the first block).  ``--slices LOGDIR`` (the peers' logs, kept
+with ``bench/run.py --workdir``) sorts the source's blocks by the slice (murderd/slices.py)
+of their receiver: its own, another's before its own slice was in, another's after.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import re
 from pathlib import Path
 
 
@@ -30,7 +33,49 @@ def read(directory: Path) -> list[tuple[float, int, int, int, str]]:
     return rows
 
 
-def report(rows, source: str | None = None, window: tuple[float, float] | None = None) -> str:
+def slices_by_peer(directory: Path, logs: Path) -> dict[int, tuple[int, int]]:
+    """Peer number (as read() numbers them) -> (slice, of), from the peers' logs."""
+    by_pid = {}
+    for log in logs.glob("*.log"):
+        text = log.read_text(errors="replace")
+        pid = re.search(r"starting \(pid (\d+)\)", text)
+        part = re.search(r"slice (\d+) of (\d+) from the seeder", text)
+        if pid and part:
+            by_pid[pid.group(1)] = (int(part.group(1)), int(part.group(2)))
+    paths = sorted(directory.glob("*.blocks"))
+    return {n: by_pid[p.stem] for n, p in enumerate(paths) if p.stem in by_pid}
+
+
+def slice_report(rows, source: str, dealt: dict[int, tuple[int, int]]) -> list[str]:
+    t0 = rows[0][0]
+    own_done = {}
+    for peer, (index, count) in dealt.items():
+        mine = [r[0] for r in rows if r[1] == peer and r[2] % count == index]
+        own_done[peer] = (max(mine) - t0) if mine else 0.0
+    kinds: collections.Counter = collections.Counter()
+    for t, peer, piece, _block, ip in rows:
+        if ip != source or peer not in dealt:
+            continue
+        index, count = dealt[peer]
+        if piece % count == index:
+            kinds["own slice"] += 1
+        elif t - t0 <= own_done[peer]:
+            kinds["another's, before its own was in"] += 1
+        else:
+            kinds["another's, after its own was in"] += 1
+    return [
+        "source blocks by the receiver's slice: "
+        + ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items())),
+        "own slice in at (s): " + ", ".join(f"{own_done[p]:.2f}" for p in sorted(own_done)),
+    ]
+
+
+def report(
+    rows,
+    source: str | None = None,
+    window: tuple[float, float] | None = None,
+    dealt: dict[int, tuple[int, int]] | None = None,
+) -> str:
     if not rows:
         return "no blocks traced"
     t0 = rows[0][0]
@@ -66,6 +111,8 @@ def report(rows, source: str | None = None, window: tuple[float, float] | None =
         share = sum(1 for r in mine if r[4] == source) / len(mine)
         last = mine[-1][0] - t0
         lines.append(f"peer {peer}: {share:.0%} from the source, last block at {last:.2f} s")
+    if dealt:
+        lines += slice_report(rows, source, dealt)
     if window:
         lo, hi = window
         for peer in peers:
@@ -82,8 +129,11 @@ def main() -> None:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--source", help="the source's address (default: the top sender)")
     parser.add_argument("--pieces", nargs=2, type=float, metavar=("FROM", "TO"))
+    parser.add_argument("--slices", type=Path, metavar="LOGDIR", help="the peers' logs")
     args = parser.parse_args()
-    print(report(read(args.directory), args.source, tuple(args.pieces) if args.pieces else None))
+    dealt = slices_by_peer(args.directory, args.slices) if args.slices else None
+    window = tuple(args.pieces) if args.pieces else None
+    print(report(read(args.directory), args.source, window, dealt))
 
 
 if __name__ == "__main__":
