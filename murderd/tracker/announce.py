@@ -72,6 +72,18 @@ class _ByResult:
         yield family
 
 
+RESULTS = ("ok", "unknown_deploy", "malformed")
+
+
+def _by_result(metrics: CollectorRegistry, what: str) -> list[Count]:
+    """murderd_tracker_<what>_total by result, registered: its counts in RESULTS order."""
+    family = _ByResult(
+        f"murderd_tracker_{what}", f"{what.capitalize()} by result (HTTP and UDP)", RESULTS
+    )
+    metrics.register(family)
+    return [family.counts[result] for result in RESULTS]
+
+
 class Tracker:
     """The registry plus the [tracker] rules; configure() applies them live."""
 
@@ -79,24 +91,10 @@ class Tracker:
         self.registry = registry
         self.announces = 0  # every announce handled, whatever the transport and result
         self.configure(settings)
-        announces = _ByResult(
-            "murderd_tracker_announces",
-            "Announces by result (HTTP and UDP)",
-            ("ok", "unknown_deploy", "malformed"),
-        )
-        metrics.register(announces)
-        self.announce_ok = announces.counts["ok"]
-        self.announce_unknown = announces.counts["unknown_deploy"]
-        self.announce_malformed = announces.counts["malformed"]
-        scrapes = _ByResult(
-            "murderd_tracker_scrapes",
-            "Scrapes by result (HTTP and UDP)",
-            ("ok", "unknown_deploy", "malformed"),
-        )
-        metrics.register(scrapes)
-        self.scrape_ok = scrapes.counts["ok"]
-        self.scrape_unknown = scrapes.counts["unknown_deploy"]
-        self.scrape_malformed = scrapes.counts["malformed"]
+        announces = _by_result(metrics, "announces")
+        self.announce_ok, self.announce_unknown, self.announce_malformed = announces
+        scrapes = _by_result(metrics, "scrapes")
+        self.scrape_ok, self.scrape_unknown, self.scrape_malformed = scrapes
 
     def configure(self, settings: dict) -> None:
         """Take the live [tracker] keys (a config section dict)."""
