@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import threading
+import urllib.request
 from pathlib import Path
 
 from murderd import torrent
@@ -27,6 +29,21 @@ def random_file(path: Path, size: int) -> str:
 
 def sha256(path: Path) -> str:
     return torrent.sha256_file(path)
+
+
+def wait_placed(fleet, peer: int, name: str, want: str, timeout: float = 60, what: str = ""):
+    """Wait until peer (0-based) has placed name; assert its sha256 is want.  Its path."""
+    dest = fleet.peer_destination(peer) / name
+    wait_for(dest.exists, timeout, what=what or f"peer{peer + 1} to place {name}")
+    assert sha256(dest) == want
+    return dest
+
+
+def fetch_index(fleet, query: str = "", timeout: float = 10) -> dict:
+    """The seeder's index.json (query: e.g. a long poll's ?after=G&wait=S)."""
+    url = f"{fleet.seeder_url}/index.json{query}"
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.load(resp)
 
 
 def state_of(fleet, peer: int, name: str) -> dict | None:

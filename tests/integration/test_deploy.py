@@ -14,7 +14,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from deploykit import DestinationWatcher, MiB, random_file, sha256, state_of
+from deploykit import (
+    DestinationWatcher,
+    MiB,
+    fetch_index,
+    random_file,
+    sha256,
+    state_of,
+    wait_placed,
+)
 
 from murderd import torrent
 from murderd.localfleet import wait_for
@@ -85,15 +93,7 @@ def test_follow_mode(fleet_factory, tmp_path):
     want = random_file(tmp_path / "svc-2.3.bin", 2 * MiB)
     fleet.drop(tmp_path / "svc-2.3.bin")
     for peer in range(2):
-        dest = fleet.peer_destination(peer) / "svc-2.3.bin"
-        wait_for(dest.exists, 60, what=f"peer{peer + 1} to follow the deploy")
-        assert sha256(dest) == want
-
-
-def fetch_index(fleet, query: str = "", timeout: float = 10) -> dict:
-    url = f"{fleet.seeder_url}/index.json{query}"
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.load(resp)
+        wait_placed(fleet, peer, "svc-2.3.bin", want, what=f"peer{peer + 1} to follow the deploy")
 
 
 def test_follow_long_polls_the_seeder(fleet_factory, tmp_path):
@@ -102,9 +102,7 @@ def test_follow_long_polls_the_seeder(fleet_factory, tmp_path):
     for name in ("svc-1.0.bin", "svc-1.1.bin"):
         want = random_file(tmp_path / name, MiB)
         fleet.drop(tmp_path / name)
-        dest = fleet.peer_destination(0) / name
-        wait_for(dest.exists, 60, what=f"the peer to follow {name}")
-        assert sha256(dest) == want
+        wait_placed(fleet, 0, name, want, what=f"the peer to follow {name}")
 
 
 def test_follow_retries_soon_after_the_seeder_was_down(fleet_factory, tmp_path):
@@ -119,9 +117,7 @@ def test_follow_retries_soon_after_the_seeder_was_down(fleet_factory, tmp_path):
     fleet.seeder.start()
     want = random_file(tmp_path / "svc-2.0.bin", MiB)
     fleet.drop(tmp_path / "svc-2.0.bin")
-    dest = fleet.peer_destination(0) / "svc-2.0.bin"
-    wait_for(dest.exists, 60, what="the peer to follow the deploy after the seeder restarted")
-    assert sha256(dest) == want
+    wait_placed(fleet, 0, "svc-2.0.bin", want, what="the peer to follow it after the restart")
 
 
 def test_index_json_long_poll(fleet_factory, tmp_path):
@@ -218,9 +214,7 @@ def test_hostile_torrents_rejected_daemon_alive(fleet_factory, tmp_path):
     want = random_file(tmp_path / "good.bin", MiB)
     fleet.drop(tmp_path / "good.bin")
     fleet.distribute("good.bin")
-    dest = fleet.peer_destination(0) / "good.bin"
-    wait_for(dest.exists, 60, what="a good deploy after hostile ones")
-    assert sha256(dest) == want
+    wait_placed(fleet, 0, "good.bin", want, what="a good deploy after hostile ones")
 
 
 def test_symlink_in_destination_refused(fleet_factory, tmp_path):

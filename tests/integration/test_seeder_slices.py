@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import re
 import signal
 import urllib.request
 
-from deploykit import MiB, random_file, sha256
+from deploykit import MiB, fetch_index, random_file, wait_placed
 
 from murderd.localfleet import wait_for
 
@@ -19,11 +18,6 @@ def seeder_metric(fleet, name: str) -> float:
         text = resp.read().decode()
     found = re.search(rf"^{name} (\S+)$", text, re.M)
     return float(found.group(1)) if found else -1.0
-
-
-def fetch_index(fleet, query: str = "", timeout: float = 10) -> dict:
-    with urllib.request.urlopen(f"{fleet.seeder_url}/index.json{query}", timeout=timeout) as r:
-        return json.load(r)
 
 
 def wait_followers(fleet, count: int) -> None:
@@ -40,9 +34,7 @@ def test_each_following_peer_gets_its_own_slice(fleet_factory, tmp_path):
     want = random_file(tmp_path / "web-2.0.bin", 8 * MiB)
     fleet.drop(tmp_path / "web-2.0.bin")
     for peer in range(3):
-        dest = fleet.peer_destination(peer) / "web-2.0.bin"
-        wait_for(dest.exists, 60, what=f"peer{peer + 1} to place the file")
-        assert sha256(dest) == want
+        wait_placed(fleet, peer, "web-2.0.bin", want)
     dealt = []
     for peer in range(3):
         found = re.search(r"slice (\d+) of (\d+) from the seeder", fleet.peers[peer].log_text())
@@ -59,9 +51,7 @@ def test_a_slice_owner_that_never_downloads_holds_nobody_up(fleet_factory, tmp_p
     the vanished one's pieces from the seeder too."""
     fleet = fleet_factory(1, follow=True, peer={"follow_interval": 600}).start()
     want = deal_with_a_ghost(fleet, tmp_path / "api-3.1.bin", 4 * MiB)
-    dest = fleet.peer_destination(0) / "api-3.1.bin"
-    wait_for(dest.exists, 60, what="the peer to place the file without the ghost's help")
-    assert sha256(dest) == want
+    wait_placed(fleet, 0, "api-3.1.bin", want, what="the peer to place it without the ghost")
     assert re.search(r"slice \d of 2 from the seeder", fleet.peers[0].log_text())
 
 
@@ -84,9 +74,7 @@ def test_no_data_for_a_while_lifts_the_gate(fleet_factory, tmp_path):
         )
     finally:
         os.kill(fleet.seeder.proc.pid, signal.SIGCONT)
-    dest = fleet.peer_destination(0) / "job-7.bin"
-    wait_for(dest.exists, 60, what="the peer to place the file")
-    assert sha256(dest) == want
+    wait_placed(fleet, 0, "job-7.bin", want)
 
 
 def deal_with_a_ghost(fleet, path, size: int) -> str:
@@ -109,8 +97,6 @@ def test_slices_off_on_the_peer(fleet_factory, tmp_path):
     want = random_file(tmp_path / "db-1.0.bin", 2 * MiB)
     fleet.drop(tmp_path / "db-1.0.bin")
     for peer in range(2):
-        dest = fleet.peer_destination(peer) / "db-1.0.bin"
-        wait_for(dest.exists, 60, what=f"peer{peer + 1} to place the file")
-        assert sha256(dest) == want
+        wait_placed(fleet, peer, "db-1.0.bin", want)
         assert "from the seeder" not in fleet.peers[peer].log_text()
     assert seeder_metric(fleet, "murderd_seeder_followers") == 0
