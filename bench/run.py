@@ -55,8 +55,8 @@ def parse_lt_set(items: list) -> dict:
         if key == "seed_flags":
             out["seed_flags"] = value.split(",")
             continue
-        if key == "trace_blocks":
-            out["trace_blocks"] = value
+        if key in ("trace_blocks", "trace_peers"):
+            out[key] = value
             continue
         if scope not in ("all", "seeder", "peer"):
             raise argparse.ArgumentTypeError(f"{item}: scope must be seeder. or peer.")

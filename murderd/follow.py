@@ -69,12 +69,14 @@ class Follower:
         client: Callable[[], aiohttp.ClientSession],
         settings: Callable[[], dict],
         known: Callable[[str], bool],
-        accept: Callable[[bytes, str, tuple[int, int] | None], None],
+        accept: Callable[[bytes, str, slices.Part | None], None],
+        reslice: Callable[[str, slices.Part], None] | None = None,
     ):
         self.client = client  # the daemon's HTTP client (made at start)
         self.settings = settings  # the live [peer] section (follow, follow_interval ...)
         self.known = known  # is this info-hash already one of the host's deploys?
         self.accept = accept  # (torrent bytes, its URL, its slice or None: slices.py)
+        self.reslice = reslice  # (info-hash, its slice now): the seeder moved pieces
         self.fetching: set[str] = set()  # info-hashes taken from the index, not yet known
         # Who this process is to the seeder (?peer=), for the slices it deals out.
         self.ident = os.urandom(8).hex()
@@ -139,6 +141,9 @@ class Follower:
             if not isinstance(info_hash, str) or not isinstance(torrent_url, str):
                 continue
             if self.known(info_hash) or info_hash in self.fetching:
+                part = slices.parse_slice(item) if c["slices"] and self.reslice else None
+                if part is not None:
+                    self.reslice(info_hash, part)  # a no-op unless the seeder moved pieces
                 continue
             self.fetching.add(info_hash)
             log.info("follow: new deploy %s (%s)", item.get("name"), info_hash)
@@ -149,6 +154,6 @@ class Follower:
                 self.fetching.discard(info_hash)
                 seen, failed = None, True
                 continue
-            part = slices.parse_slice(item.get("slice")) if c["slices"] else None
+            part = slices.parse_slice(item) if c["slices"] else None
             self.accept(data, torrent_url, part)
         return seen, failed

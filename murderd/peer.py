@@ -150,6 +150,7 @@ class PeerService(SwarmService):
             settings=lambda: self.cfg["peer"],
             known=lambda info_hash: info_hash in self.deploys,
             accept=lambda data, url, part: self._accept(data, url, None, part),
+            reslice=self._reslice,
         )
         self.hash_failures_total = 0
         self.blocked: dict[str, float] = {}  # address -> when it was blocked (monotonic)
@@ -314,7 +315,7 @@ class PeerService(SwarmService):
     ) -> None:
         """Validate a torrent; start it, or quarantine it with the reason.
 
-        part: (index, count), the slice of its pieces the seeder dealt this peer (slices.py).
+        part: the slice of its pieces the seeder dealt this peer (slices.py).
         """
         c = self.cfg["peer"]
 
@@ -352,7 +353,7 @@ class PeerService(SwarmService):
         )
         deploy.torrent = parsed
         if part is not None:
-            deploy.gate = slices.Gate(part[0], part[1], time.monotonic())
+            deploy.gate = slices.Gate(part, time.monotonic())
         self.deploys[deploy.info_hash] = deploy
         self._write_state(deploy)
         self._consume(drop_path)
@@ -365,7 +366,7 @@ class PeerService(SwarmService):
             len(parsed.files),
         )
         if deploy.gate is not None:
-            log.info("deploy %s: slice %d of %d from the seeder", deploy.name, *part)
+            log.info("deploy %s: slice %d of %d from the seeder", deploy.name, *part[:2])
         self._add_to_session(deploy)
 
     @staticmethod
@@ -420,6 +421,19 @@ class PeerService(SwarmService):
                     log.exception("deploy %s: cannot gate its pieces", deploy.name)
                     deploy.gate = None
             await asyncio.sleep(slices.GATE_EVERY)
+
+    def _reslice(self, info_hash: str, part: slices.Part) -> None:
+        """The seeder moved pieces to or from this peer's slice (slices.Dealer)."""
+        deploy = self.deploys.get(info_hash)
+        if deploy is None or deploy.gate is None or deploy.gate.part == part:
+            return
+        deploy.gate.reslice(part)
+        log.debug(
+            "deploy %s: slice now %d pieces (+%d -%d)",
+            deploy.name, len(deploy.gate.own or ()), len(part.added), len(part.dropped),
+        )  # fmt: skip
+        if deploy.handle is not None and deploy.handle.is_valid():
+            self._gate(deploy, time.monotonic())  # at once, not at the next tick
 
     def _gate(self, deploy: PeerDeploy, now: float) -> None:
         gate = deploy.gate

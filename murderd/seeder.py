@@ -43,7 +43,7 @@ class Deploy:
         self.created = made["created"]
         self.sources = made["sources"]  # [[abspath, size, mtime_ns]]
         self.handle = None
-        self.slices: dict[str, int] = {}  # follower -> its slice (slices.py); not kept
+        self.dealer: slices.Dealer | None = None  # who owns which piece (slices.py); not kept
 
     def record(self) -> dict:
         return {
@@ -92,6 +92,7 @@ class SeederService(SwarmService):
         self.index_event: asyncio.Event | None = None  # set when the followers are answered
         self.index_closed = False
         self.followers = slices.Followers()  # who follows index.json (for slices)
+        self.rebalancing: asyncio.Task | None = None
         Gauge(
             "murderd_seeder_followers",
             "Peers following index.json now (a long poll open, or answered in the last 10 s)",
@@ -160,6 +161,13 @@ class SeederService(SwarmService):
     def index_generation(self) -> str:
         return f"{self.index_boot}-{self.index_count}"
 
+    def follower_generation(self, follower: str | None) -> str:
+        """The index's generation as this follower sees it: its slices' moves count too."""
+        moved = 0
+        if follower is not None:
+            moved = sum(d.dealer.version(follower) for d in self.deploys.values() if d.dealer)
+        return f"{self.index_generation}.{moved}" if moved else self.index_generation
+
     def _index_changed(self) -> None:
         """The deploy list changed: a new generation, and every waiting follower answered."""
         self.index_count += 1
@@ -170,16 +178,19 @@ class SeederService(SwarmService):
             self.index_event.set()
             self.index_event = None
 
-    async def _index_wait(self, after: str, wait: float) -> None:
+    async def _index_wait(self, after: str, wait: float, follower: str | None) -> None:
         """Hold a GET /index.json?after=G&wait=S until the generation moves on or S passes."""
-        if after != self.index_generation or self.index_closed or not wait > 0:
-            return
-        if self.index_event is None:
-            self.index_event = asyncio.Event()
-        try:
-            await asyncio.wait_for(self.index_event.wait(), min(wait, INDEX_MAX_WAIT))
-        except asyncio.TimeoutError:
-            pass
+        deadline = time.monotonic() + min(wait, INDEX_MAX_WAIT)
+        while after == self.follower_generation(follower) and not self.index_closed:
+            left = deadline - time.monotonic()
+            if not left > 0:
+                return
+            if self.index_event is None:
+                self.index_event = asyncio.Event()
+            try:
+                await asyncio.wait_for(self.index_event.wait(), left)
+            except asyncio.TimeoutError:
+                return
 
     def _restore(self) -> None:
         """Seed what was published before a restart; unchanged files are not rehashed."""
@@ -308,17 +319,49 @@ class SeederService(SwarmService):
             },
         )
         fsutil.atomic_write(self._torrent_path(name), made.data)
+        parsed = torrent.parse(made.data)
         if self.cfg["seeder"]["slices"]:  # before _save_state() answers the followers
-            deploy.slices = self.followers.assign(time.monotonic())
-            if deploy.slices:
-                log.info("deploy %s: %d slices for the peers following", name, len(deploy.slices))
+            members = self.followers.assign(time.monotonic())
+            if members:
+                deploy.dealer = slices.Dealer(members, parsed.info.num_pieces())
+                log.info("deploy %s: %d slices for the peers following", name, len(members))
         self.deploys[name] = deploy
         self._save_state()
-        self._seed(deploy, torrent.parse(made.data))
+        self._seed(deploy, parsed)
+        if deploy.dealer is not None and (self.rebalancing is None or self.rebalancing.done()):
+            self.rebalancing = self.spawn(self._rebalance_loop())
         self.published_total += 1
         self.metrics.deploy_completed(time.monotonic() - started)
         log.info("deploy %s published at %s", name, self.torrent_url(name))
         self.spawn(self._register(deploy, made.data))
+
+    async def _rebalance_loop(self) -> None:
+        """Every slices.REBALANCE_EVERY s while a new deploy's pieces are not all out."""
+        while True:
+            dealers = [
+                d for d in self.deploys.values()
+                if d.dealer is not None and not d.dealer.done
+                and d.dealer.count <= slices.REBALANCE_MAX_SLICES
+            ]  # fmt: skip
+            if not dealers:
+                return
+            for deploy in dealers:
+                if deploy.handle is None or not deploy.handle.is_valid():
+                    continue
+                dealer = deploy.dealer
+                for peer in deploy.handle.get_peer_info():
+                    dealer.saw(peer.pieces)
+                if dealer.rebalance(time.monotonic()):
+                    log.debug(
+                        "deploy %s: slices rebalanced (%d moves so far, %d pieces not out)",
+                        deploy.name, dealer.moves, dealer.left,
+                    )  # fmt: skip
+                    self._wake_index_waiters()
+                if dealer.done:
+                    log.info(
+                        "deploy %s: every piece is out (%d slice moves)", deploy.name, dealer.moves
+                    )
+            await asyncio.sleep(slices.REBALANCE_EVERY)
 
     def _seed(self, deploy: Deploy, parsed: torrent.Torrent) -> None:
         params = lt.add_torrent_params()
@@ -469,8 +512,13 @@ class SeederService(SwarmService):
                 "uploaded": st.all_time_upload if st else 0,
                 "peers": st.num_peers if st else 0,
             }
-            if follower is not None and follower in d.slices:
-                item["slice"] = [d.slices[follower], len(d.slices)]
+            part = d.dealer.part(follower) if d.dealer and follower is not None else None
+            if part is not None:
+                item["slice"] = [part.index, part.count]
+                if part.added:
+                    item["slice_add"] = list(part.added)
+                if part.dropped:
+                    item["slice_drop"] = list(part.dropped)
             out.append(item)
         return out
 
@@ -490,7 +538,7 @@ class SeederService(SwarmService):
                     wait = float(request.query.get("wait", "0"))
                 except ValueError:
                     wait = 0.0
-                await self._index_wait(after, wait)
+                await self._index_wait(after, wait, follower)
         finally:
             if follower is not None:
                 self.followers.leave(follower, time.monotonic())
@@ -499,7 +547,8 @@ class SeederService(SwarmService):
             # long-poll, and wait follow_interval): an error, retried soon.
             raise web.HTTPServiceUnavailable(text="the seeder is stopping\n")
         deploys = self.index(follower)
-        return web.json_response({"generation": self.index_generation, "deploys": deploys})
+        generation = self.follower_generation(follower)
+        return web.json_response({"generation": generation, "deploys": deploys})
 
     async def _torrent_file(self, request: web.Request) -> web.StreamResponse:
         file = request.match_info["file"]

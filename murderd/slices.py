@@ -12,10 +12,20 @@ for pieces another peer already has: a piece only a seed has (availability 1) is
 slice's owner.  What a peer gets from the seeder is then its slice, and the rest comes from
 the other peers.
 
-The last pieces of a slice whose owner lags (its download link is shared by the seeder's
-flow and every other peer's, so the seeder's share can fall below 1/n) are taken by the
-peers that are done with their own slices: RELEASE_SECONDS after its own slice is complete
-a peer no longer holds pieces back (bench, N=8, medians of 3 runs, interleaved: never
+The seeder's upload is not shared evenly between the owners (an owner's download link
+carries the seeder's flow and every other peer's, so the seeder's share of it can fall well
+below 1/n): some slices are in after 3 s, others after 8.  So the seeder rebalances
+(Dealer): every REBALANCE_EVERY s it reads which pieces some peer has (the peers'
+bitfields), and a follower about to run out of pieces nobody has (HUNGRY_SECONDS) gets the
+back half of what is left of the slowest slice.  The change reaches both followers through
+their index.json long polls ("slice_add", "slice_drop"); each piece keeps one owner, and the
+owner asks for the back half of its slice last (OWN_BACK), so what moves is mostly not asked
+for yet.  bench/ N=8, medians of 3, interleaved: 7.89 and 7.55 s without, 7.18 and 7.21 s
+with (and request_queue_time 0, murderd/lt.py); the seeder's upload 1.40 -> about 1.2 x F.
+
+The last pieces are taken by the peers that are done with their own slices (and got
+nothing more): RELEASE_SECONDS after its own slice is complete a peer no longer holds
+pieces back (bench, N=8, medians of 3 runs, interleaved: never
 released 8.9 and 8.9 s, 0.5 s 8.2 and 8.2 s; 1.5 s 8.3 and 8.7 s against 0.5 s 7.9 and
 8.2 s; released by a drop in the download rate instead 8.4 and 8.4 s against 8.1 and
 8.0 s).  Nothing waits on a slice owner that is gone: when no payload arrived for
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +51,19 @@ RELEASE_MAX_SLICES = 64
 RECENT_SECONDS = 10.0  # a follower answered this recently still counts as following
 MAX_FOLLOWERS = 100_000  # distinct follower ids remembered (the rest get no slice)
 MAX_SLICES = 1_000_000
-OWN = 7  # piece priorities: own slice first; others when another peer has them
+MAX_MOVED = 1_000_000  # pieces in one slice_add or slice_drop list
+REBALANCE_EVERY = 0.2  # seconds between the seeder's looks at who has which piece
+# Above this many slices the seeder does not rebalance (each look reads every peer's bitfield).
+REBALANCE_MAX_SLICES = RELEASE_MAX_SLICES
+# A follower is hungry when its pieces nobody has yet would take less than this at its recent
+# rate: most are then asked of the seeder already (a peer's queue to the seeder holds whole
+# pieces), and once all are, libtorrent fills that queue with pieces other peers have, which
+# the seeder then sends a second time.  bench/ N=8, medians of 3: moving only when nothing
+# was left 8.32 s; 1.5 s 7.26, 2 s 7.37, 3 s 7.34 (with request_queue_time 0).
+HUNGRY_SECONDS = 2.0
+RATE_WEIGHT = 0.5  # weight of the latest look in a follower's smoothed rate (pieces/s)
+OWN = 7  # piece priorities: own slice first (its front half; the back half OWN_BACK), others
+OWN_BACK = 6  # when another peer has them.  The back half is what the seeder moves away.
 OTHERS = 1
 HELD = 0  # only a seed has it, and it is another peer's slice: wait for that peer
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -51,8 +74,32 @@ def follower_id(raw: str | None) -> str | None:
     return raw if raw is not None and _ID.fullmatch(raw) else None
 
 
-def parse_slice(raw) -> tuple[int, int] | None:
-    """[index, count] from an index.json item, or None for anything else."""
+class Part(NamedTuple):
+    """A peer's slice of a deploy: pieces p % count == index, plus added, minus dropped."""
+
+    index: int
+    count: int
+    added: tuple[int, ...] = ()
+    dropped: tuple[int, ...] = ()
+
+    def pieces(self, total: int) -> set[int]:
+        own = set(range(self.index, total, self.count)).union(self.added)
+        return {p for p in own.difference(self.dropped) if 0 <= p < total}
+
+
+def _piece_list(raw) -> tuple[int, ...] | None:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_MOVED:
+        return None
+    if not all(type(p) is int and p >= 0 for p in raw):
+        return None
+    return tuple(raw)
+
+
+def parse_slice(item: dict) -> Part | None:
+    """The Part in an index.json item ("slice": [index, count], "slice_add", "slice_drop")."""
+    raw = item.get("slice")
     if not isinstance(raw, list) or len(raw) != 2:
         return None
     index, count = raw
@@ -60,7 +107,10 @@ def parse_slice(raw) -> tuple[int, int] | None:
         return None
     if not 2 <= count <= MAX_SLICES or not 0 <= index < count:
         return None
-    return index, count
+    added, dropped = _piece_list(item.get("slice_add")), _piece_list(item.get("slice_drop"))
+    if added is None or dropped is None:
+        return None
+    return Part(index, count, added, dropped)
 
 
 class Followers:
@@ -96,10 +146,100 @@ class Followers:
         return {f: i for i, f in enumerate(live)} if len(live) >= 2 else {}
 
 
-def priorities(availability: list[int], index: int, count: int) -> list[int]:
-    """Piece priorities for slice index of count, given each piece's availability."""
+class Dealer:
+    """The seeder's side of one deploy's slices: which follower owns which piece now.
+
+    Piece p starts with follower p % count.  rebalance() looks at which pieces some peer
+    already has: a follower with nothing of its own left to fetch from the seeder (its slice
+    is in) takes the back half of what is left of the slowest slice.  Each piece then still
+    has exactly one owner asking the seeder for it, and the seeder's upload goes to pieces
+    nobody has, while the owners' TCP shares of it differ (bench/, README).
+    """
+
+    def __init__(self, members: dict[str, int], total: int):
+        self.members = members  # follower id -> its index
+        self.count = len(members)
+        self.owner = [p % self.count for p in range(total)] if self.count else []
+        self.out = bytearray(total)  # 1: some peer has the piece
+        self.left = total
+        self.versions = [0] * self.count  # bumped when a follower's part changes
+        self.moves = 0
+        self.before: list[int] | None = None  # each follower's remaining at the last look
+        self.looked = 0.0
+        self.rates = [0.0] * self.count  # pieces/s out of each follower's remaining
+
+    @property
+    def done(self) -> bool:
+        return self.left == 0
+
+    def part(self, follower: str) -> Part | None:
+        index = self.members.get(follower)
+        if index is None:
+            return None
+        added = [p for p, o in enumerate(self.owner) if o == index and p % self.count != index]
+        dropped = [p for p in range(index, len(self.owner), self.count) if self.owner[p] != index]
+        return Part(index, self.count, tuple(added), tuple(dropped))
+
+    def version(self, follower: str) -> int:
+        index = self.members.get(follower)
+        return 0 if index is None else self.versions[index]
+
+    def saw(self, bitfield) -> None:
+        """A peer's bitfield (a list of bools, as libtorrent's peer_info.pieces)."""
+        if len(bitfield) != len(self.out):
+            return
+        for p, had in enumerate(bitfield):
+            if had and not self.out[p]:
+                self.out[p] = 1
+                self.left -= 1
+
+    def rebalance(self, now: float) -> set[int]:
+        """Give hungry followers the back half of the slowest slice's remainder.
+
+        Hungry: nothing left, or less than HUNGRY_SECONDS of it at the follower's rate.
+        Slowest: the most seconds left at its rate.  Returns the indexes whose parts changed.
+        """
+        remaining: list[list[int]] = [[] for _ in range(self.count)]
+        for p, o in enumerate(self.owner):
+            if not self.out[p]:
+                remaining[o].append(p)
+        if self.before is not None and now > self.looked:
+            for i, r in enumerate(remaining):
+                rate = max(0, self.before[i] - len(r)) / (now - self.looked)
+                self.rates[i] += RATE_WEIGHT * (rate - self.rates[i])
+        self.looked = now
+
+        def seconds(i: int) -> float:
+            return len(remaining[i]) / max(self.rates[i], 1e-3)
+
+        changed: set[int] = set()
+        for idle in [i for i in range(self.count) if seconds(i) < HUNGRY_SECONDS]:
+            slowest = max(range(self.count), key=seconds)
+            left = remaining[slowest]
+            if len(left) < 2 or seconds(slowest) < seconds(idle) + HUNGRY_SECONDS:
+                break
+            moving = left[len(left) - len(left) // 2 :]
+            remaining[slowest] = left[: len(left) - len(left) // 2]
+            remaining[idle] += moving
+            for p in moving:
+                self.owner[p] = idle
+            self.moves += 1
+            changed.update((idle, slowest))
+        for i in changed:
+            self.versions[i] += 1
+        self.before = [len(r) for r in remaining]
+        return changed
+
+
+def priorities(availability: list[int], own: set[int], missing: list[int]) -> list[int]:
+    """Piece priorities for a peer owning the pieces own, given each piece's availability.
+
+    missing: the own pieces it does not have, in order; the back half of them gets OWN_BACK,
+    so that the pieces the seeder moves to another peer are the ones not asked for yet.
+    """
+    back = set(missing[len(missing) - len(missing) // 2 :])
     return [
-        OWN if p % count == index else (OTHERS if seen >= 2 else HELD)
+        (OWN_BACK if p in back else OWN) if p in own else (OTHERS if seen >= 2 else HELD)
         for p, seen in enumerate(availability)
     ]
 
@@ -107,9 +247,10 @@ def priorities(availability: list[int], index: int, count: int) -> list[int]:
 class Gate:
     """One deploy's gate on a peer: update() every GATE_EVERY s while it downloads."""
 
-    def __init__(self, index: int, count: int, now: float):
-        self.index = index
-        self.count = count
+    def __init__(self, part: Part, now: float):
+        self.part = part
+        self.own: set[int] | None = None  # the pieces of part, once the piece count is known
+        self.total = 0
         self.payload = -1
         self.progress_at = now
         self.last: list[int] = []
@@ -117,6 +258,18 @@ class Gate:
         self.own_done_at: float | None = None
         self.may_release = False
         self.ended = ""  # why the gate is off: "stalled" or "released"
+
+    def reslice(self, part: Part) -> None:
+        """The seeder moved pieces to or from this peer (Dealer.rebalance)."""
+        self.part = part
+        if self.own is not None:
+            self._own()
+
+    def _own(self) -> None:
+        self.own = self.part.pieces(self.total)
+        self.missing = sorted(self.own)  # update() drops the ones it has
+        self.own_done_at = None
+        self.may_release = bool(self.own) and self.part.count <= RELEASE_MAX_SLICES
 
     def pause(self, now: float) -> None:
         """Not downloading now (stalled, checking): the stall clock starts over later."""
@@ -130,13 +283,13 @@ class Gate:
         availability = handle.piece_availability()
         if not availability:  # not ready yet (checking its files)
             return True
-        if self.missing is None:
-            self.missing = list(range(self.index, len(availability), self.count))
-            self.may_release = bool(self.missing) and self.count <= RELEASE_MAX_SLICES
+        if self.own is None:
+            self.total = len(availability)
+            self._own()
         if self.missing:
             self.missing = [p for p in self.missing if not handle.have_piece(p)]
-            if not self.missing:
-                self.own_done_at = now
+        if not self.missing and self.own_done_at is None:
+            self.own_done_at = now
         if now - self.progress_at >= STALL_SECONDS:
             self.ended = "stalled"
         elif (
@@ -148,7 +301,7 @@ class Gate:
         if self.ended:
             handle.prioritize_pieces([4] * len(availability))  # libtorrent's default
             return False
-        wanted = priorities(availability, self.index, self.count)
+        wanted = priorities(availability, self.own, self.missing)
         if wanted != self.last:
             handle.prioritize_pieces(wanted)
             self.last = wanted

@@ -76,3 +76,44 @@ if _raw:
 
         _peer.PeerService.start = _start
         _peer.PeerService._alert = _alert
+
+    # "trace_peers": a directory; every daemon writes one line per connection every 0.25 s into
+    # <dir>/<role>-<pid>.peers: "<seconds> <remote ip> <payload down B/s> <payload up B/s>
+    # <download queue> <upload queue> <used send buffer> <rtt ms> <queue bytes>" (diagnosis:
+    # how the source's upload is shared between its connections, and why).
+    _peers_dir = _overrides.get("trace_peers")
+    if _peers_dir:
+        import threading as _threading
+        import time as _ptime
+
+        import murderd.peer as _ppeer
+        import murderd.seeder as _pseeder
+
+        def _trace_loop(service, role):
+            out = open(os.path.join(_peers_dir, f"{role}-{os.getpid()}.peers"), "w")  # noqa: SIM115
+            end = _ptime.monotonic() + 600
+            while _ptime.monotonic() < end:
+                _ptime.sleep(0.25)
+                session = getattr(service, "session", None)
+                if session is None:
+                    continue
+                now = _ptime.time()
+                for handle in session.get_torrents():
+                    for p in handle.get_peer_info():
+                        out.write(
+                            f"{now:.3f} {p.ip[0]} {p.payload_down_speed} {p.payload_up_speed} "
+                            f"{p.download_queue_length} {p.upload_queue_length} "
+                            f"{p.used_send_buffer} {p.rtt} {p.queue_bytes}\n"
+                        )
+                out.flush()
+
+        for _cls, _role in ((_ppeer.PeerService, "peer"), (_pseeder.SeederService, "seeder")):
+
+            def _wrap(original, role):
+                async def start(self):
+                    await original(self)
+                    _threading.Thread(target=_trace_loop, args=(self, role), daemon=True).start()
+
+                return start
+
+            _cls.start = _wrap(_cls.start, _role)

@@ -55,6 +55,31 @@ def test_a_slice_owner_that_never_downloads_holds_nobody_up(fleet_factory, tmp_p
     assert re.search(r"slice \d of 2 from the seeder", fleet.peers[0].log_text())
 
 
+def test_the_seeder_moves_a_lagging_slice_to_the_peer_that_is_done(fleet_factory, tmp_path):
+    """The ghost's slice never goes out: the seeder's rebalancing moves it, half by half, to
+    the peer that is done with its own, and index.json tells both (slice_add, slice_drop)."""
+    fleet = fleet_factory(
+        1, follow=True, seeder={"upload_rate_limit": MiB}, peer={"follow_interval": 600}
+    ).start()
+    want = deal_with_a_ghost(fleet, tmp_path / "db-9.bin", 4 * MiB)
+    first = fetch_index(fleet, "?peer=ghost")
+    assert "slice_drop" not in first["deploys"][0]
+    # The ghost's long poll is answered when its slice changes (the seeder would hold it
+    # 60 s otherwise, past this read's timeout).
+    moved = fetch_index(fleet, f"?after={first['generation']}&wait=60&peer=ghost", 45)
+    assert moved["generation"] != first["generation"]
+    assert moved["deploys"][0].get("slice_drop"), moved
+    wait_placed(fleet, 0, "db-9.bin", want)
+    out = r"every piece is out \((\d+) slice moves\)"
+    wait_for(lambda: re.search(out, fleet.seeder.log_text()), 30, what="the seeder's last look")
+    assert int(re.search(out, fleet.seeder.log_text()).group(1)) >= 1
+    ghost = fetch_index(fleet, "?peer=ghost")["deploys"][0]
+    index, count = ghost["slice"]
+    assert count == 2 and ghost.get("slice_drop"), ghost
+    assert all(p % 2 == index for p in ghost["slice_drop"])
+    assert "slice_add" not in ghost  # nothing moved to the ghost: it never took any
+
+
 def test_no_data_for_a_while_lifts_the_gate(fleet_factory, tmp_path):
     """The seeder freezes while the peer still lacks some of its own slice: after
     STALL_SECONDS without data the peer stops gating (and completes once the seeder is back)."""

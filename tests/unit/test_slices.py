@@ -42,6 +42,11 @@ def test_assign_deals_one_slice_each_and_none_to_a_lone_follower():
     [
         ([0, 2], (0, 2)),
         ([7, 8], (7, 8)),
+        ({"slice": [1, 3], "slice_add": [5, 8], "slice_drop": [4]}, (1, 3, (5, 8), (4,))),
+        ({"slice": [1, 3], "slice_add": [-1]}, None),
+        ({"slice": [1, 3], "slice_add": ["5"]}, None),
+        ({"slice": [1, 3], "slice_drop": 4}, None),
+        ({"slice": [1, 3], "slice_add": [True]}, None),
         ([2, 2], None),
         ([-1, 4], None),
         ([0, 1], None),
@@ -54,7 +59,14 @@ def test_assign_deals_one_slice_each_and_none_to_a_lone_follower():
     ],
 )
 def test_parse_slice(raw, want):
-    assert slices.parse_slice(raw) == want
+    item = raw if isinstance(raw, dict) else {"slice": raw}
+    part = slices.parse_slice(item)
+    assert (None if part is None else tuple(x for x in part if x != ())) == want
+
+
+def test_part_pieces_with_moves():
+    part = slices.Part(1, 3, added=(0, 9, 99), dropped=(4,))
+    assert part.pieces(10) == {0, 1, 7, 9}  # 99 is past the end: ignored
 
 
 @pytest.mark.parametrize(
@@ -66,9 +78,11 @@ def test_follower_id(raw, ok):
 
 
 def test_priorities_own_slice_first_others_only_once_a_peer_has_them():
-    # 8 pieces, slice 1 of 3 owns pieces 1, 4, 7.  Availability counts the seeder.
+    # 8 pieces, slice 1 of 3 owns pieces 1, 4, 7, and misses all three: the back one of
+    # them (what the seeder would move away) comes last.  Availability counts the seeder.
     availability = [1, 1, 2, 3, 1, 1, 0, 1]
-    assert slices.priorities(availability, 1, 3) == [
+    own = slices.Part(1, 3).pieces(8)
+    assert slices.priorities(availability, own, [1, 4, 7]) == [
         slices.HELD,
         slices.OWN,
         slices.OTHERS,
@@ -76,8 +90,62 @@ def test_priorities_own_slice_first_others_only_once_a_peer_has_them():
         slices.OWN,
         slices.HELD,
         slices.HELD,
-        slices.OWN,
+        slices.OWN_BACK,
     ]
+
+
+def _dealer(followers: int, pieces: int) -> slices.Dealer:
+    return slices.Dealer({f"f{i}": i for i in range(followers)}, pieces)
+
+
+def _had(dealer: slices.Dealer, pieces) -> None:
+    bits = [False] * len(dealer.out)
+    for p in pieces:
+        bits[p] = True
+    dealer.saw(bits)
+
+
+def test_dealer_moves_the_back_half_of_the_slowest_slice_to_a_hungry_follower():
+    dealer = _dealer(4, 40)  # slice i: pieces i, i+4, ... (10 each)
+    assert dealer.rebalance(0.0) == set()  # nobody has anything: nobody is hungry...
+    # ...once rates are known.  In 1 s: slice 0 got all 10 pieces out, slice 1 two,
+    # slices 2 and 3 five each.
+    _had(dealer, [p for p in range(40) if p % 4 == 0] + [1, 5] + [2, 6, 10, 14, 18])
+    _had(dealer, [3, 7, 11, 15, 19])
+    changed = dealer.rebalance(1.0)
+    assert changed == {0, 1}  # slice 1 has the most seconds left (8 pieces at 2/s)
+    left_of_1 = [9, 13, 17, 21, 25, 29, 33, 37]
+    assert dealer.part("f0").added == tuple(left_of_1[4:])
+    assert dealer.part("f1").dropped == tuple(left_of_1[4:])
+    assert dealer.part("f1").pieces(40) == {1, 5, 9, 13, 17, 21}
+    assert dealer.version("f0") == dealer.version("f1") == 1
+    assert dealer.version("f2") == 0 and dealer.part("nobody") is None
+    assert dealer.moves == 1 and not dealer.done
+
+
+def test_dealer_leaves_slices_that_will_be_done_soon_alone_and_ends_when_all_is_out():
+    dealer = _dealer(2, 8)
+    dealer.rebalance(0.0)
+    _had(dealer, [0, 2, 4, 6, 1])  # slice 0 all out; slice 1 at 1 piece/s, 3 left: 3 s
+    assert dealer.rebalance(1.0) == {0, 1}
+    _had(dealer, [3, 5])
+    assert dealer.rebalance(2.0) == set()  # one piece left: nothing to split
+    _had(dealer, [7])
+    assert dealer.done and dealer.left == 0
+
+
+def test_dealer_takes_a_ghosts_slice_apart():
+    """A follower that never fetches anything: the others end up owning all of its slice."""
+    dealer = _dealer(3, 30)
+    now = 0.0
+    dealer.rebalance(now)
+    for _ in range(20):
+        now += 1.0
+        had = [p for p, o in enumerate(dealer.owner) if o != 2]
+        _had(dealer, had)
+        dealer.rebalance(now)
+    assert sum(1 for o in dealer.owner if o == 2) <= 1
+    assert dealer.version("f2") > 0
 
 
 def _torrent_handle(tmp_path, pieces: int):
@@ -102,9 +170,10 @@ def wait_ready(handle):
 def test_gate_holds_other_slices_then_lifts_on_a_stall(tmp_path):
     session, handle = _torrent_handle(tmp_path, 12)
     wait_ready(handle)
-    gate = slices.Gate(1, 4, now=100.0)
+    gate = slices.Gate(slices.Part(1, 4), now=100.0)
     assert gate.update(handle, 0, 100.0)
-    want = [slices.OWN if p % 4 == 1 else slices.HELD for p in range(12)]
+    want = [slices.OWN if p in (1, 5) else slices.HELD for p in range(12)]
+    want[9] = slices.OWN_BACK
     assert list(handle.get_piece_priorities()) == want
     assert gate.may_release
     # Data keeps arriving: still gating.
@@ -121,9 +190,24 @@ def test_an_empty_slice_takes_everything_from_peers(tmp_path):
     and never releases (only a stall lifts its gate)."""
     session, handle = _torrent_handle(tmp_path, 12)
     wait_ready(handle)
-    gate = slices.Gate(20, 30, now=0.0)
+    gate = slices.Gate(slices.Part(20, 30), now=0.0)
     assert gate.update(handle, 0, 0.0)
     assert list(handle.get_piece_priorities()) == [slices.HELD] * 12
     assert not gate.may_release
     assert gate.update(handle, 1, 1.0 + slices.RELEASE_SECONDS)
+    del session
+
+
+def test_gate_reslice_takes_moved_pieces(tmp_path):
+    """The seeder moves pieces 5 and 9 away and gives piece 2: the gate asks for 1 and 2."""
+    session, handle = _torrent_handle(tmp_path, 12)
+    wait_ready(handle)
+    gate = slices.Gate(slices.Part(1, 4), now=0.0)
+    assert gate.update(handle, 0, 0.0)
+    gate.reslice(slices.Part(1, 4, added=(2,), dropped=(5, 9)))
+    assert gate.update(handle, 0, 0.1)
+    want = [slices.HELD] * 12
+    want[1], want[2] = slices.OWN, slices.OWN_BACK
+    assert list(handle.get_piece_priorities()) == want
+    assert gate.own == {1, 2} and gate.own_done_at is None
     del session
