@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from . import fsutil, httpserver, metrics, runtime, slices, torrent
 from .lt import lt
@@ -98,6 +98,11 @@ class SeederService(SwarmService):
             "Peers following index.json now (a long poll open, or answered in the last 10 s)",
             registry=self.metrics.registry,
         ).set_function(lambda: len(self.followers.live(time.monotonic())))
+        self.slice_moves = Counter(
+            "murderd_seeder_slice_moves",
+            "Times the seeder moved the rest of a lagging slice to a peer about to run out",
+            registry=self.metrics.registry,
+        )
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -336,8 +341,13 @@ class SeederService(SwarmService):
         self.spawn(self._register(deploy, made.data))
 
     async def _rebalance_loop(self) -> None:
-        """Every slices.REBALANCE_EVERY s while a new deploy's pieces are not all out."""
+        """Every slices.REBALANCE_EVERY s while a new deploy's pieces are not all out.
+
+        Reading every peer's bitfield costs CPU in a big swarm: the pause after a look is at
+        least REBALANCE_COST times as long as the look took.
+        """
         while True:
+            started = time.monotonic()
             dealers = [
                 d for d in self.deploys.values()
                 if d.dealer is not None and not d.dealer.done
@@ -351,7 +361,9 @@ class SeederService(SwarmService):
                 dealer = deploy.dealer
                 for peer in deploy.handle.get_peer_info():
                     dealer.saw(peer.pieces)
+                moves = dealer.moves
                 if dealer.rebalance(time.monotonic()):
+                    self.slice_moves.inc(dealer.moves - moves)
                     log.debug(
                         "deploy %s: slices rebalanced (%d moves so far, %d pieces not out)",
                         deploy.name, dealer.moves, dealer.left,
@@ -361,7 +373,8 @@ class SeederService(SwarmService):
                     log.info(
                         "deploy %s: every piece is out (%d slice moves)", deploy.name, dealer.moves
                     )
-            await asyncio.sleep(slices.REBALANCE_EVERY)
+            took = time.monotonic() - started
+            await asyncio.sleep(max(slices.REBALANCE_EVERY, slices.REBALANCE_COST * took))
 
     def _seed(self, deploy: Deploy, parsed: torrent.Torrent) -> None:
         params = lt.add_torrent_params()

@@ -53,6 +53,7 @@ MAX_FOLLOWERS = 100_000  # distinct follower ids remembered (the rest get no sli
 MAX_SLICES = 1_000_000
 MAX_MOVED = 1_000_000  # pieces in one slice_add or slice_drop list
 REBALANCE_EVERY = 0.2  # seconds between the seeder's looks at who has which piece
+REBALANCE_COST = 10  # ...and at least this many times as long as the last look took
 # Above this many slices the seeder does not rebalance (each look reads every peer's bitfield).
 REBALANCE_MAX_SLICES = RELEASE_MAX_SLICES
 # A follower is hungry when its pieces nobody has yet would take less than this at its recent
@@ -161,6 +162,7 @@ class Dealer:
         self.count = len(members)
         self.owner = [p % self.count for p in range(total)] if self.count else []
         self.out = bytearray(total)  # 1: some peer has the piece
+        self.pending = list(range(total))  # the pieces no peer has (yet)
         self.left = total
         self.versions = [0] * self.count  # bumped when a follower's part changes
         self.moves = 0
@@ -186,12 +188,15 @@ class Dealer:
 
     def saw(self, bitfield) -> None:
         """A peer's bitfield (a list of bools, as libtorrent's peer_info.pieces)."""
-        if len(bitfield) != len(self.out):
+        if len(bitfield) != len(self.out) or not self.left:
             return
-        for p, had in enumerate(bitfield):
-            if had and not self.out[p]:
+        if not any(bitfield[p] for p in self.pending):
+            return
+        for p in self.pending:
+            if bitfield[p]:
                 self.out[p] = 1
-                self.left -= 1
+        self.pending = [p for p in self.pending if not self.out[p]]
+        self.left = len(self.pending)
 
     def rebalance(self, now: float) -> set[int]:
         """Give hungry followers the back half of the slowest slice's remainder.

@@ -72,7 +72,9 @@ def test_the_seeder_moves_a_lagging_slice_to_the_peer_that_is_done(fleet_factory
     wait_placed(fleet, 0, "db-9.bin", want)
     out = r"every piece is out \((\d+) slice moves\)"
     wait_for(lambda: re.search(out, fleet.seeder.log_text()), 30, what="the seeder's last look")
-    assert int(re.search(out, fleet.seeder.log_text()).group(1)) >= 1
+    moves = int(re.search(out, fleet.seeder.log_text()).group(1))
+    assert moves >= 1
+    assert seeder_metric(fleet, "murderd_seeder_slice_moves_total") == moves
     ghost = fetch_index(fleet, "?peer=ghost")["deploys"][0]
     index, count = ghost["slice"]
     assert count == 2 and ghost.get("slice_drop"), ghost
