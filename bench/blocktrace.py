@@ -6,12 +6,14 @@ writes one line per block it receives, see bench/ltoverride/sitecustomize.py), t
     python3 -m bench.blocktrace DIR [--source IP] [--pieces FROM TO] [--slices LOGDIR]
 
 prints, for the source (by default the address that sent the most blocks): how many times
-each piece left it, per second how many of its blocks went to a second or later peer
-("duplicates": upload that a peer could have forwarded instead), and per peer how much came
-from the source.  ``--pieces FROM TO`` lists which pieces each peer took from the source in
-that time window (seconds from the first block).  ``--slices LOGDIR`` (the peers' logs, kept
-with ``bench/run.py --workdir``) sorts the source's blocks by the slice (murderd/slices.py)
-of their receiver: its own, another's before its own slice was in, another's after.
+each piece left it; per second how many of its blocks went to a second or later peer
+("duplicates": upload that a peer could have forwarded instead) and how many were of a piece
+another peer already had whole (its receiver could have had it from that peer); and per
+peer how much came from the source.  ``--pieces FROM TO`` lists which pieces each peer took
+from the source in that time window (seconds from the first block).  ``--slices LOGDIR``
+(the peers' logs, kept with ``bench/run.py --workdir``) sorts the source's blocks by the
+slice (murderd/slices.py) of their receiver: its own, another's before its own slice was in,
+another's after.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import argparse
 import collections
 import re
 from pathlib import Path
+
+ELSEWHERE_SLACK = 0.05  # seconds: a piece had whole this long before counts as had
 
 
 def read(directory: Path) -> list[tuple[float, int, int, int, str]]:
@@ -96,6 +100,19 @@ def report(
         sent[second] += 1
         if peer != first_taker[piece]:
             duplicate[second] += 1
+    # A block of a piece some other peer already had whole: the receiver could have had it
+    # from that peer, and the source's upload went to it instead of a piece nobody had.
+    whole_at: dict[tuple[int, int], float] = {}
+    for t, peer, piece, _block, _ip in rows:
+        whole_at[(peer, piece)] = t  # rows are sorted: the last block's time
+    first_whole: dict[int, float] = {}
+    for (_peer, piece), t in whole_at.items():
+        first_whole[piece] = min(first_whole.get(piece, t), t)
+    elsewhere: collections.Counter = collections.Counter()
+    for t, peer, piece, _block, _ip in from_source:
+        had = first_whole[piece]
+        if had < t - ELSEWHERE_SLACK and whole_at[(peer, piece)] > had:
+            elsewhere[int(t - t0)] += 1
     spread = collections.Counter(len(takers[p]) for p in range(pieces))
     lines = [
         f"source {source}: {len(from_source)} blocks = "
@@ -103,9 +120,12 @@ def report(
         f"({pieces} pieces of {blocks_per_piece} blocks)",
         "pieces by the number of peers that took blocks of them from the source: "
         + ", ".join(f"{n}: {count}" for n, count in sorted(spread.items())),
-        "second  source blocks  to a later peer",
+        f"blocks of pieces another peer already had whole: {sum(elsewhere.values())}",
+        "second  source blocks  to a later peer  another peer had it",
     ]
-    lines += [f"{s:6d}  {sent[s]:13d}  {duplicate[s]:15d}" for s in sorted(sent)]
+    lines += [
+        f"{s:6d}  {sent[s]:13d}  {duplicate[s]:15d}  {elsewhere[s]:19d}" for s in sorted(sent)
+    ]
     for peer in peers:
         mine = [r for r in rows if r[1] == peer]
         share = sum(1 for r in mine if r[4] == source) / len(mine)

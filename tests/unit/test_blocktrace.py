@@ -19,8 +19,10 @@ def test_counts_blocks_the_source_sent_to_a_second_peer(tmp_path):
     out = blocktrace.report(rows, window=(0, 1)).splitlines()
     assert out[0].startswith("source 10.0.0.1: 6 blocks = 1.50 x the file")
     assert out[1].endswith("1: 1, 2: 1")
-    assert out[3].split() == ["0", "5", "1"]  # second 0: 5 blocks, 1 to a later peer
-    assert out[4].split() == ["1", "1", "1"]
+    # Peer A had piece 0 whole at 100.1: both of B's blocks of it came from the source after.
+    assert out[2] == "blocks of pieces another peer already had whole: 2"
+    assert out[4].split() == ["0", "5", "1", "1"]  # second 0: 5 blocks, 1 to a later peer
+    assert out[5].split() == ["1", "1", "1", "1"]
     assert "peer 1: 50% from the source, last block at 1.50 s" in out
     assert out[-1].endswith("[0]")  # peer 1 took piece 0 from the source in the first second
 
