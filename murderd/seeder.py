@@ -328,7 +328,7 @@ class SeederService(SwarmService):
         if self.cfg["seeder"]["slices"]:  # before _save_state() answers the followers
             members = self.followers.assign(time.monotonic())
             if members:
-                deploy.dealer = slices.Dealer(members, parsed.info.num_pieces())
+                deploy.dealer = slices.Dealer(members, parsed.info.num_pieces(), time.monotonic())
                 log.info("deploy %s: %d slices for the peers following", name, len(members))
         self.deploys[name] = deploy
         self._save_state()
@@ -352,6 +352,7 @@ class SeederService(SwarmService):
                 d for d in self.deploys.values()
                 if d.dealer is not None and not d.dealer.done
                 and d.dealer.count <= slices.REBALANCE_MAX_SLICES
+                and started - d.dealer.dealt_at < slices.REBALANCE_FOR
             ]  # fmt: skip
             if not dealers:
                 return

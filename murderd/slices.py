@@ -20,8 +20,9 @@ bitfields), and a follower about to run out of pieces nobody has (HUNGRY_SECONDS
 back half of what is left of the slowest slice.  The change reaches both followers through
 their index.json long polls ("slice_add", "slice_drop"); each piece keeps one owner, and the
 owner asks for the back half of its slice last (OWN_BACK), so what moves is mostly not asked
-for yet.  bench/ N=8, medians of 3, interleaved: 7.89 and 7.55 s without, 7.18 and 7.21 s
-with (and request_queue_time 0, murderd/lt.py); the seeder's upload 1.40 -> about 1.2 x F.
+for yet.  bench/ N=8, medians of 3: 8.27 and 8.43 s without; 7.66 with; 7.18 and 7.21 with
+request_queue_time 0 as well (murderd/lt.py; 7.84 and 7.55 with 1, interleaved).  The
+seeder's upload went from 1.40 to about 1.2 x F.
 
 The last pieces are taken by the peers that are done with their own slices (and got
 nothing more): RELEASE_SECONDS after its own slice is complete a peer no longer holds
@@ -54,6 +55,7 @@ MAX_SLICES = 1_000_000
 MAX_MOVED = 1_000_000  # pieces in one slice_add or slice_drop list
 REBALANCE_EVERY = 0.2  # seconds between the seeder's looks at who has which piece
 REBALANCE_COST = 10  # ...and at least this many times as long as the last look took
+REBALANCE_FOR = 600.0  # seconds after publication the seeder stops looking (peers gone)
 # Above this many slices the seeder does not rebalance (each look reads every peer's bitfield).
 REBALANCE_MAX_SLICES = RELEASE_MAX_SLICES
 # A follower is hungry when its pieces nobody has yet would take less than this at its recent
@@ -157,8 +159,9 @@ class Dealer:
     nobody has, while the owners' TCP shares of it differ (bench/, README).
     """
 
-    def __init__(self, members: dict[str, int], total: int):
+    def __init__(self, members: dict[str, int], total: int, now: float = 0.0):
         self.members = members  # follower id -> its index
+        self.dealt_at = now
         self.count = len(members)
         self.owner = [p % self.count for p in range(total)] if self.count else []
         self.out = bytearray(total)  # 1: some peer has the piece
