@@ -394,6 +394,8 @@ class PeerService(SwarmService):
             params = lt.add_torrent_params()
         params.ti = deploy.torrent.info
         params.save_path = str(self._staging(deploy))
+        if deploy.gate is not None:
+            params.piece_priorities = deploy.gate.first(deploy.torrent.info.num_pieces())
         params.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
         params.flags &= ~lt.torrent_flags.seed_mode
         fsutil.ensure_dir(self._staging(deploy))

@@ -267,6 +267,11 @@ class Gate:
         self.may_release = False
         self.ended = ""  # why the gate is off: "stalled" or "released"
 
+    def first(self, total: int) -> list[int]:
+        """Priorities to add the torrent with: libtorrent asks for pieces before update()
+        can run (the torrent is not ready yet), and would ask the seeder for any of them."""
+        return priorities([0] * total, self.part.pieces(total), [])
+
     def reslice(self, part: Part) -> None:
         """The seeder moved pieces to or from this peer (Dealer.rebalance)."""
         self.part = part

@@ -211,3 +211,9 @@ def test_gate_reslice_takes_moved_pieces(tmp_path):
     assert list(handle.get_piece_priorities()) == want
     assert gate.own == {1, 2} and gate.own_done_at is None
     del session
+
+
+def test_gate_first_priorities_hold_everything_but_the_own_slice():
+    """What the torrent is added with, before libtorrent can report availability."""
+    gate = slices.Gate(slices.Part(0, 3, added=(1,)), now=0.0)
+    assert gate.first(6) == [slices.OWN, slices.OWN, slices.HELD, slices.OWN] + [slices.HELD] * 2
