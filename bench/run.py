@@ -250,6 +250,10 @@ def _median_run(runs: list):
         return runs[-1]
     chosen = good[len(good) // 2]
     chosen.detail["repeats"] = [round(r.seconds, 3) for r in good]
+    failed = [r.error for r in runs if not r.ok]
+    if failed:  # the median is of the good runs: say how many were not
+        chosen.detail["failed_repeats"] = failed
+        log.warning("%d of %d runs failed: %s", len(failed), len(runs), "; ".join(failed))
     return chosen
 
 

@@ -79,8 +79,8 @@ if _raw:
 
     # "trace_peers": a directory; every daemon writes one line per connection every 0.25 s into
     # <dir>/<role>-<pid>.peers: "<seconds> <remote ip> <payload down B/s> <payload up B/s>
-    # <download queue> <upload queue> <used send buffer> <rtt ms> <queue bytes>" (diagnosis:
-    # how the source's upload is shared between its connections, and why).
+    # <download queue> <upload queue> <used send buffer> <rtt ms> <queue bytes> <end game>"
+    # (diagnosis: how the source's upload is shared between its connections, and why).
     _peers_dir = _overrides.get("trace_peers")
     if _peers_dir:
         import threading as _threading
@@ -103,7 +103,8 @@ if _raw:
                         out.write(
                             f"{now:.3f} {p.ip[0]} {p.payload_down_speed} {p.payload_up_speed} "
                             f"{p.download_queue_length} {p.upload_queue_length} "
-                            f"{p.used_send_buffer} {p.rtt} {p.queue_bytes}\n"
+                            f"{p.used_send_buffer} {p.rtt} {p.queue_bytes} "
+                            f"{int(p.endgame_mode)}\n"
                         )
                 out.flush()
 
