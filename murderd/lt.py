@@ -123,8 +123,12 @@ def lan_settings(
             # Short request queues (bench/: 2.31 -> 1.92 x the limit at N=8 with the seeder
             # settings below).  A piece asked of the seeder is invisible to the other peers
             # until it arrives, so they ask the seeder for it too: the shorter the wait, the
-            # fewer pieces the seeder sends twice.  32 x 16 KiB in flight per connection still
-            # fills a LAN link; peers download from many connections at once.
+            # fewer pieces the seeder sends twice.  Note: libtorrent replaces
+            # max_out_request_queue with the remote's "reqq" (its
+            # max_allowed_in_request_queue) once the extension handshake is in, so between
+            # murderd daemons the cap is 2000, and a connection in slow start grows its
+            # queue to the seeder to 100-300 blocks (bench/ trace_peers).  A cap of 16-64 on
+            # the seeder measured within the noise (README, session 4).
             "max_out_request_queue": 32,
             "max_allowed_in_request_queue": 2000,
             # 0: a connection asks for what libtorrent's floor and whole-piece picking ask
