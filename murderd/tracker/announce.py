@@ -159,6 +159,41 @@ class Tracker:
         chosen = registry.select(deploy, peer, numwant, compact) if peer is not None else []
         return deploy, chosen
 
+    def announce_packed(
+        self,
+        info_hash: bytes,
+        peer_id: bytes,
+        ip: str,
+        port: int,
+        uploaded: int,
+        downloaded: int,
+        left: int,
+        event: int,
+        numwant: int,
+        now: float,
+        v6: bool,
+    ) -> tuple[reg.Deploy, bytes] | None:
+        """announce(compact=True) with the chosen peers of one family (IPv6: v6) end to end.
+
+        What a UDP answer holds (registry.select_packed()); the rest is announce()'s.
+        """
+        registry = self.registry
+        info_hash = registry.aliases.get(info_hash, info_hash)  # registry.canonical()
+        deploy = registry.deploy(info_hash, now, create=event != reg.EVENT_STOPPED)
+        if deploy is None:
+            if event == reg.EVENT_STOPPED and (
+                info_hash in registry.known or not registry.allowlist
+            ):
+                deploy = reg.Deploy(info_hash, registry.known.get(info_hash))
+            else:
+                self.announce_unknown.value += 1
+                return None
+        peer = registry.announce(deploy, peer_id, ip, port, uploaded, downloaded, left, event, now)
+        self.announce_ok.value += 1
+        if peer is None:
+            return deploy, b""
+        return deploy, registry.select_packed(deploy, peer, numwant, v6)
+
     def scrape(self, hashes: list[bytes], now: float) -> list[tuple[bytes, reg.Deploy | None]]:
         """(asked hash, its swarm or None when unknown) for each hash, peers expired first.
 

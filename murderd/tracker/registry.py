@@ -31,6 +31,7 @@ EVENT_STOPPED = 3
 
 _SEEDS = 0
 _LEECHERS = 1
+IP_CACHE_SIZE = 65536  # addresses whose packed form and subnet are remembered
 
 
 class Known:
@@ -111,6 +112,7 @@ class Deploy:
         "nets",
         "cpools",
         "cnets",
+        "bnets",
         "completed",
         "last_seen",
     )
@@ -125,6 +127,9 @@ class Deploy:
         # a compact answer is then slices and one join, no step per peer in Python.
         self.cpools: tuple[list, list] = ([], [])
         self.cnets: dict[tuple, tuple[list, list]] = {}
+        # And each subnet's compact addresses end to end (one family, so a fixed width):
+        # the UDP answer from its subnet is then a slice or two of bytes.
+        self.bnets: dict[tuple, tuple[bytearray, bytearray]] = {}
         self.completed = 0
         self.last_seen = 0.0
 
@@ -156,14 +161,17 @@ class Deploy:
         if net is None:
             net = self.nets[peer.subnet] = ([], [])
             cnet = self.cnets[peer.subnet] = ([], [])
+            bnet = self.bnets[peer.subnet] = (bytearray(), bytearray())
         else:
             # One subnet key object per subnet, not one per peer (88 bytes a peer).
             peer.subnet = (net[0] or net[1])[0].subnet
             cnet = self.cnets[peer.subnet]
+            bnet = self.bnets[peer.subnet]
         pool = net[kind]
         peer.i_net = len(pool)
         pool.append(peer)
         cnet[kind].append(peer.compact)
+        bnet[kind].extend(peer.compact)
 
     def _remove_from_pools(self, peer: Peer) -> None:
         kind = _SEEDS if peer.left == 0 else _LEECHERS
@@ -176,16 +184,21 @@ class Deploy:
             last.i_all = peer.i_all
         net = self.nets[peer.subnet]
         cnet = self.cnets[peer.subnet]
-        pool, cpool = net[kind], cnet[kind]
+        pool, cpool, blob = net[kind], cnet[kind], self.bnets[peer.subnet][kind]
         last = pool.pop()
         last_compact = cpool.pop()
+        width = len(last_compact)
+        del blob[-width:]
         if last is not peer:
             pool[peer.i_net] = last
             cpool[peer.i_net] = last_compact
+            at = peer.i_net * width
+            blob[at : at + width] = last_compact
             last.i_net = peer.i_net
         if not net[0] and not net[1]:
             del self.nets[peer.subnet]
             del self.cnets[peer.subnet]
+            del self.bnets[peer.subnet]
 
     def remove(self, peer: Peer) -> None:
         self._remove_from_pools(peer)
@@ -269,6 +282,23 @@ def _pick(
     return out[:count]
 
 
+def _window(blobs: tuple, width: int, start: int, want: int, total: int) -> bytearray:
+    """want entries of width bytes from start on, wrapping, in the concatenation of blobs."""
+    out = bytearray()
+    position = start
+    while want > 0:
+        offset = position
+        which = 0
+        while offset >= len(blobs[which]) // width:
+            offset -= len(blobs[which]) // width
+            which += 1
+        take = min(want, len(blobs[which]) // width - offset)
+        out += blobs[which][offset * width : (offset + take) * width]
+        want -= take
+        position = (position + take) % total
+    return out
+
+
 class Registry:
     """Known deploys and their swarms, with the limits from [tracker]."""
 
@@ -292,6 +322,9 @@ class Registry:
         # Truncated v2 hash -> v1 hash of hybrid deploys: both announces join one swarm.
         self.aliases: dict[bytes, bytes] = {}
         self.deploys: OrderedDict[bytes, Deploy] = OrderedDict()  # least recently seen first
+        # ip -> (that str interned, its packed bytes, is IPv6, subnet key): a new peer's
+        # address is then a dict lookup and a join (a fleet has few addresses).
+        self._ips: dict[str, tuple[str, bytes, bool, tuple]] = {}
         self.evicted_peers = 0
         self.evicted_deploys = 0
         self.expired_peers = 0
@@ -299,9 +332,10 @@ class Registry:
     def configure(self, **settings) -> None:
         """Apply new limits live (a SIGHUP); shrinking a cap evicts at the next insertion."""
         for key, value in settings.items():
-            if not hasattr(self, key) or key in ("known", "deploys"):
+            if not hasattr(self, key) or key in ("known", "deploys", "_ips"):
                 raise AttributeError(key)
             setattr(self, key, value)
+        self._ips.clear()  # the subnet prefixes may have changed
         if self.allowlist:
             for info_hash in [h for h in self.deploys if h not in self.known]:
                 log.info("allowlist on: dropping swarm of unknown deploy %s", info_hash.hex())
@@ -421,13 +455,16 @@ class Registry:
                 log.debug("deploy %s: peer %s port %d stopped", deploy.name, peer.ip, peer.port)
             return None
         if peer is None:
-            compact, v6, subnet = _address(ip, port, self.subnet_prefix_v4, self.subnet_prefix_v6)
+            known_ip = self._ips.get(ip)
+            if known_ip is None:
+                known_ip = self._ip(ip)
+            ip, packed, v6, subnet = known_ip  # one str per address, not per peer
             while len(peers) >= self.max_peers_per_deploy:
                 _, old = peers.popitem(last=False)
                 deploy._remove_from_pools(old)
                 self.evicted_peers += 1
-            peer = Peer(peer_id, sys.intern(ip), port)  # one str per address, not per peer
-            peer.compact, peer.v6, peer.subnet = compact, v6, subnet
+            peer = Peer(peer_id, ip, port)
+            peer.compact, peer.v6, peer.subnet = packed + port.to_bytes(2, "big"), v6, subnet
             peer.left = left
             peers[peer_id] = peer
             deploy._add_to_pools(peer)
@@ -466,6 +503,14 @@ class Registry:
         peer.downloaded = downloaded
         peer.last_seen = now
         return peer
+
+    def _ip(self, ip: str) -> tuple[str, bytes, bool, tuple]:
+        """_address() for ip, remembered (ValueError if it is not an IP address)."""
+        compact, v6, subnet = _address(ip, 0, self.subnet_prefix_v4, self.subnet_prefix_v6)
+        if len(self._ips) >= IP_CACHE_SIZE:
+            self._ips.clear()
+        known_ip = self._ips[ip] = (sys.intern(ip), compact[:-2], v6, subnet)
+        return known_ip
 
     def select(self, deploy: Deploy, asker: Peer, numwant: int, compact: bool = False) -> list:
         """Peers for the asker: same subnet first, then random; a seed gets only leechers.
@@ -506,6 +551,86 @@ class Registry:
         rest = _pick(everyone, numwant - len(chosen), asker, subnet, in_net + 1, ceveryone)
         chosen.extend(rest)
         return chosen
+
+    def select_packed(self, deploy: Deploy, asker: Peer, numwant: int, v6: bool) -> bytes:
+        """select(compact=True)'s peers of one family (IPv6: v6), end to end.
+
+        The same peers as b"".join() of those of select(deploy, asker, numwant, True) that
+        are of that family (the same draw from random too), with the asker's subnet (the
+        commonest answer, often all of it) sliced from its bytes rather than listed.
+        """
+        if numwant <= 0:
+            return b""
+        subnet = asker.subnet
+        net = deploy.nets.get(subnet)
+        width = 18 if asker.v6 else 6
+        if net:
+            bnet = deploy.bnets[subnet]
+            at = asker.i_net
+            if asker.left == 0:
+                local = net[_LEECHERS]
+                blob = bnet[_LEECHERS]
+                total = len(local)
+                skip_at = at if 0 <= at < total and local[at] is asker else -1
+                blobs = None
+            else:
+                seeds, leechers = net
+                total = len(seeds) + len(leechers)
+                if 0 <= at < len(seeds) and seeds[at] is asker:
+                    skip_at = at
+                elif 0 <= at < len(leechers) and leechers[at] is asker:
+                    skip_at = len(seeds) + at
+                else:
+                    skip_at = -1
+                if not seeds:
+                    blob, blobs = bnet[_LEECHERS], None
+                elif not leechers:
+                    blob, blobs = bnet[_SEEDS], None
+                else:
+                    blob, blobs = None, bnet
+            # _pick(local, numwant, asker, None, 1, ...), on bytes
+            if total == 0:
+                chosen = b""
+            elif total <= numwant + 1:
+                chosen = bytearray(blob) if blobs is None else blobs[0] + blobs[1]
+                if skip_at >= 0:
+                    del chosen[skip_at * width : (skip_at + 1) * width]
+                del chosen[numwant * width :]
+            else:
+                want = numwant + 1
+                start = random.randrange(total)
+                end = start + want
+                if blobs is None:
+                    if end <= total:
+                        chosen = blob[start * width : end * width]
+                    else:
+                        chosen = blob[start * width :] + blob[: (end - total) * width]
+                else:
+                    chosen = _window(blobs, width, start, want, total)
+                if skip_at >= 0:
+                    skip = (skip_at - start) % total
+                    if skip < want:
+                        del chosen[skip * width : (skip + 1) * width]
+                del chosen[numwant * width :]
+            got = len(chosen) // width
+            if got >= numwant:
+                return chosen if width == (18 if v6 else 6) else b""
+        else:
+            chosen = b""
+            got = total = 0
+        if width != (18 if v6 else 6):
+            chosen = b""
+        # The asker's subnet is exhausted (so small): fill from the other subnets.
+        if asker.left == 0:
+            everyone, ceveryone = (deploy.pools[_LEECHERS],), (deploy.cpools[_LEECHERS],)
+        else:
+            everyone, ceveryone = deploy.pools, deploy.cpools
+        rest = _pick(everyone, numwant - got, asker, subnet, total + 1, ceveryone)
+        peers = b"".join(rest)
+        size = 18 if v6 else 6
+        if len(peers) != size * len(rest):  # both families: keep the asker's
+            peers = b"".join([c for c in rest if len(c) == size])
+        return chosen + peers if chosen else peers
 
     def expire_deploy(self, deploy: Deploy, now: float) -> int:
         """Drop the deploy's peers silent for longer than peer_timeout (oldest first)."""

@@ -467,9 +467,9 @@ class TrackerUDP:
         numwant = core.numwant_default if numwant < 0 else min(numwant, core.numwant_max)
         try:
             ip = core.peer_ip(source, _inet_ntoa(data[84:88])) if claimed else source
-            answer = core.announce(
+            answer = core.announce_packed(
                 info_hash, peer_id, ip, port, uploaded, downloaded, left, EVENTS[event],
-                numwant, now, compact=True,
+                numwant, now, ":" in source,
             )  # fmt: skip
         except ValueError as exc:
             raise Refused(str(exc)) from None
@@ -477,16 +477,12 @@ class TrackerUDP:
             self.counts[("announce", "unknown_deploy")] += 1
             return self.error(tid, "unknown deploy " + core.registry.canonical(info_hash).hex())
         self.announced += 1
-        deploy, chosen = answer
+        deploy, peers = answer  # the asker's family only
         pools = deploy.pools
-        head = _announce_reply(
-            ACTION_ANNOUNCE, tid, core.interval, len(pools[1]), len(pools[0])
+        return (
+            _announce_reply(ACTION_ANNOUNCE, tid, core.interval, len(pools[1]), len(pools[0]))
+            + peers
         )  # leechers, seeders
-        peers = b"".join(chosen)
-        size = 18 if ":" in source else 6
-        if len(peers) != size * len(chosen):  # both families: keep the asker's
-            peers = b"".join([c for c in chosen if len(c) == size])
-        return head + peers
 
     def scrape(self, data: bytes, tid: bytes, now: float) -> bytes:
         size = len(data) - _HEADER.size

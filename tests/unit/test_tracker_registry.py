@@ -357,6 +357,35 @@ def test_compact_selection_is_the_selection_compacted(churn, seed, numwant):
     peers = r.select(deploy, asker, numwant)
     random.seed(seed)
     assert r.select(deploy, asker, numwant, compact=True) == [p.compact for p in peers]
+    for v6 in (False, True):
+        random.seed(seed)
+        packed = r.select_packed(deploy, asker, numwant, v6)
+        assert packed == b"".join(p.compact for p in peers if p.v6 == v6)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 60),  # peer
+            st.sampled_from(["10.0.0.1", "10.0.0.9", "10.0.1.7", "fd00::5", "fd00::7"]),
+            st.sampled_from([0, 100]),  # left: seed or leecher
+            st.sampled_from([reg.EVENT_NONE, reg.EVENT_STOPPED]),
+        ),
+        min_size=1,
+        max_size=300,
+    ),
+)
+def test_subnet_bytes_stay_the_compact_lists_joined(churn):
+    """Each subnet's compact addresses end to end (what select_packed() slices) stay in
+    step with its lists through joins, moves, stops and evictions."""
+    r = make(max_peers_per_deploy=40)
+    for n, ip, left, event in churn:
+        announce(r, n, ip=ip, port=7000 + n % 3, left=left, event=event)
+    deploy = r.deploy(HASH, 0.0)
+    assert deploy.bnets.keys() == deploy.nets.keys()
+    for subnet, net in deploy.nets.items():
+        for pool, blob in zip(net, deploy.bnets[subnet]):
+            assert bytes(blob) == b"".join(p.compact for p in pool)
 
 
 @pytest.mark.parametrize("left", [0, 100])
@@ -374,5 +403,7 @@ def test_a_window_over_the_asker_leaves_it_out(left):
         compact = r.select(deploy, me, 10, compact=True)
         assert me not in chosen and len(set(map(id, chosen))) == 10
         assert compact == [p.compact for p in chosen]
+        random.seed(seed)
+        assert r.select_packed(deploy, me, 10, False) == b"".join(compact)
         if left == 0:
             assert all(p.left != 0 for p in chosen)
