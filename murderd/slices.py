@@ -153,8 +153,8 @@ class Dealer:
     """The seeder's side of one deploy's slices: which follower owns which piece now.
 
     Piece p starts with follower p % count.  rebalance() looks at which pieces some peer
-    already has: a follower with nothing of its own left to fetch from the seeder (its slice
-    is in) takes the back half of what is left of the slowest slice.  Each piece then still
+    already has: a follower about to run out of its pieces nobody has (HUNGRY_SECONDS) takes
+    the back half of what is left of the slowest slice.  Each piece then still
     has exactly one owner asking the seeder for it, and the seeder's upload goes to pieces
     nobody has, while the owners' TCP shares of it differ (bench/, README).
     """
@@ -164,9 +164,8 @@ class Dealer:
         self.dealt_at = now
         self.count = len(members)
         self.owner = [p % self.count for p in range(total)] if self.count else []
-        self.out = bytearray(total)  # 1: some peer has the piece
-        self.pending = list(range(total))  # the pieces no peer has (yet)
-        self.left = total
+        self.total = total
+        self.pending = list(range(total))  # the pieces no peer has (yet), in order
         self.versions = [0] * self.count  # bumped when a follower's part changes
         self.moves = 0
         self.before: list[int] | None = None  # each follower's remaining at the last look
@@ -174,8 +173,12 @@ class Dealer:
         self.rates = [0.0] * self.count  # pieces/s out of each follower's remaining
 
     @property
+    def left(self) -> int:
+        return len(self.pending)
+
+    @property
     def done(self) -> bool:
-        return self.left == 0
+        return not self.pending
 
     def part(self, follower: str) -> Part | None:
         index = self.members.get(follower)
@@ -191,15 +194,10 @@ class Dealer:
 
     def saw(self, bitfield) -> None:
         """A peer's bitfield (a list of bools, as libtorrent's peer_info.pieces)."""
-        if len(bitfield) != len(self.out) or not self.left:
+        if len(bitfield) != self.total or not self.pending:
             return
-        if not any(bitfield[p] for p in self.pending):
-            return
-        for p in self.pending:
-            if bitfield[p]:
-                self.out[p] = 1
-        self.pending = [p for p in self.pending if not self.out[p]]
-        self.left = len(self.pending)
+        if any(bitfield[p] for p in self.pending):
+            self.pending = [p for p in self.pending if not bitfield[p]]
 
     def rebalance(self, now: float) -> set[int]:
         """Give hungry followers the back half of the slowest slice's remainder.
@@ -208,9 +206,8 @@ class Dealer:
         Slowest: the most seconds left at its rate.  Returns the indexes whose parts changed.
         """
         remaining: list[list[int]] = [[] for _ in range(self.count)]
-        for p, o in enumerate(self.owner):
-            if not self.out[p]:
-                remaining[o].append(p)
+        for p in self.pending:
+            remaining[self.owner[p]].append(p)
         if self.before is not None and now > self.looked:
             for i, r in enumerate(remaining):
                 rate = max(0, self.before[i] - len(r)) / (now - self.looked)
@@ -221,18 +218,18 @@ class Dealer:
             return len(remaining[i]) / max(self.rates[i], 1e-3)
 
         changed: set[int] = set()
-        for idle in [i for i in range(self.count) if seconds(i) < HUNGRY_SECONDS]:
+        for hungry in [i for i in range(self.count) if seconds(i) < HUNGRY_SECONDS]:
             slowest = max(range(self.count), key=seconds)
             left = remaining[slowest]
-            if len(left) < 2 or seconds(slowest) < seconds(idle) + HUNGRY_SECONDS:
+            if len(left) < 2 or seconds(slowest) < seconds(hungry) + HUNGRY_SECONDS:
                 break
             moving = left[len(left) - len(left) // 2 :]
             remaining[slowest] = left[: len(left) - len(left) // 2]
-            remaining[idle] += moving
+            remaining[hungry] += moving
             for p in moving:
-                self.owner[p] = idle
+                self.owner[p] = hungry
             self.moves += 1
-            changed.update((idle, slowest))
+            changed.update((hungry, slowest))
         for i in changed:
             self.versions[i] += 1
         self.before = [len(r) for r in remaining]

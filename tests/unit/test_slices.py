@@ -99,7 +99,7 @@ def _dealer(followers: int, pieces: int) -> slices.Dealer:
 
 
 def _had(dealer: slices.Dealer, pieces) -> None:
-    bits = [False] * len(dealer.out)
+    bits = [False] * dealer.total
     for p in pieces:
         bits[p] = True
     dealer.saw(bits)
