@@ -143,20 +143,13 @@ class Tracker:
         ValueError for an address the registry cannot take.  Counts ok and unknown_deploy;
         the caller counts malformed requests, which never get here.
         """
-        registry = self.registry
-        info_hash = registry.aliases.get(info_hash, info_hash)  # registry.canonical()
-        deploy = registry.deploy(info_hash, now, create=event != reg.EVENT_STOPPED)
-        if deploy is None:
-            if event == reg.EVENT_STOPPED and (
-                info_hash in registry.known or not registry.allowlist
-            ):
-                deploy = reg.Deploy(info_hash, registry.known.get(info_hash))
-            else:
-                self.announce_unknown.value += 1
-                return None
-        peer = registry.announce(deploy, peer_id, ip, port, uploaded, downloaded, left, event, now)
-        self.announce_ok.value += 1
-        chosen = registry.select(deploy, peer, numwant, compact) if peer is not None else []
+        recorded = self._record(
+            info_hash, peer_id, ip, port, uploaded, downloaded, left, event, now
+        )  # fmt: skip
+        if recorded is None:
+            return None
+        deploy, peer = recorded
+        chosen = self.registry.select(deploy, peer, numwant, compact) if peer is not None else []
         return deploy, chosen
 
     def announce_packed(
@@ -177,6 +170,30 @@ class Tracker:
 
         What a UDP answer holds (registry.select_packed()); the rest is announce()'s.
         """
+        recorded = self._record(
+            info_hash, peer_id, ip, port, uploaded, downloaded, left, event, now
+        )  # fmt: skip
+        if recorded is None:
+            return None
+        deploy, peer = recorded
+        if peer is None:
+            return deploy, b""
+        return deploy, self.registry.select_packed(deploy, peer, numwant, v6)
+
+    def _record(
+        self,
+        info_hash: bytes,
+        peer_id: bytes,
+        ip: str,
+        port: int,
+        uploaded: int,
+        downloaded: int,
+        left: int,
+        event: int,
+        now: float,
+    ) -> tuple[reg.Deploy, reg.Peer | None] | None:
+        """The announce in the registry: (its swarm, the peer, None after a stop), or None
+        for an unknown deploy.  Counts ok and unknown_deploy."""
         registry = self.registry
         info_hash = registry.aliases.get(info_hash, info_hash)  # registry.canonical()
         deploy = registry.deploy(info_hash, now, create=event != reg.EVENT_STOPPED)
@@ -190,9 +207,7 @@ class Tracker:
                 return None
         peer = registry.announce(deploy, peer_id, ip, port, uploaded, downloaded, left, event, now)
         self.announce_ok.value += 1
-        if peer is None:
-            return deploy, b""
-        return deploy, registry.select_packed(deploy, peer, numwant, v6)
+        return deploy, peer
 
     def scrape(self, hashes: list[bytes], now: float) -> list[tuple[bytes, reg.Deploy | None]]:
         """(asked hash, its swarm or None when unknown) for each hash, peers expired first.
