@@ -21,7 +21,7 @@ back half of what is left of the slowest slice.  The change reaches both followe
 their index.json long polls ("slice_add", "slice_drop"); each piece keeps one owner, and the
 owner asks for the back half of its slice last (OWN_BACK), so what moves is mostly not asked
 for yet.  bench/ N=8, medians of 3: 8.27 and 8.43 s without; 7.66 with; 7.18 and 7.21 with
-request_queue_time 0 as well (murderd/lt.py; 7.84 and 7.55 with 1, interleaved).  The
+request_queue_time 0 as well (7.84 and 7.55 with 1, interleaved; 0 since reverted, lt.py).  The
 seeder's upload went from 1.40 to about 1.2 x F.
 
 The last pieces are taken by the peers that are done with their own slices (and got
