@@ -46,10 +46,16 @@ def parse_rate(text: str) -> int:
 
 
 def parse_lt_set(items: list) -> dict:
-    """['key=value', 'seeder.key=value', 'peer.key=value'] -> {'all': {...}, ...}."""
+    """['key=value', 'seeder.key=value', 'peer.key=value'] -> {'all': {...}, ...}.
+
+    'const:murderd.MODULE.NAME=JSON' sets a module constant in every daemon (tuning runs).
+    """
     out: dict = {}
     for item in items:
         key, _, value = item.partition("=")
+        if key.startswith("const:"):  # const:murderd.slices.HUNGRY_SECONDS=0.5
+            out.setdefault("const", {})[key[len("const:") :]] = json.loads(value)
+            continue
         scope, _, key = key.rpartition(".")
         scope = scope or "all"
         if key == "seed_flags":

@@ -86,7 +86,10 @@ def _counters(bed: Testbed, hosts: int) -> list:
 
 
 class Timeline:
-    """Bytes each host has received (and host 0 sent), sampled every `every` seconds."""
+    """Bytes host 0 sent, each peer received, and each peer sent, every `every` seconds.
+
+    A sample: [seconds, host 0 sent, peer 1..N received, peer 1..N sent].
+    """
 
     def __init__(self, bed: Testbed, hosts: int, started: float, every: float = 0.5):
         self.bed, self.hosts, self.started, self.every = bed, hosts, started, every
@@ -102,6 +105,7 @@ class Timeline:
         self.samples.append(
             [round(time.time() - self.started, 2), now[0][0] - self.base[0][0]]
             + [c[1] - b[1] for c, b in zip(now[1:], self.base[1:])]
+            + [c[0] - b[0] for c, b in zip(now[1:], self.base[1:])]
         )
 
 

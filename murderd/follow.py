@@ -69,13 +69,15 @@ class Follower:
         client: Callable[[], aiohttp.ClientSession],
         settings: Callable[[], dict],
         known: Callable[[str], bool],
-        accept: Callable[[bytes, str, slices.Part | None], None],
+        accept: Callable[[bytes, str, slices.Part | None, str | None], None],
         reslice: Callable[[str, slices.Part], None] | None = None,
     ):
         self.client = client  # the daemon's HTTP client (made at start)
         self.settings = settings  # the live [peer] section (follow, follow_interval ...)
         self.known = known  # is this info-hash already one of the host's deploys?
-        self.accept = accept  # (torrent bytes, its URL, its slice or None: slices.py)
+        # (torrent bytes, its URL, its slice or None: slices.py, the URL of the seeder's
+        # pieces for the slice or None: piecehttp.py)
+        self.accept = accept
         self.reslice = reslice  # (info-hash, its slice now): the seeder moved pieces
         self.fetching: set[str] = set()  # info-hashes taken from the index, not yet known
         # Who this process is to the seeder (?peer=), for the slices it deals out.
@@ -155,5 +157,8 @@ class Follower:
                 seen, failed = None, True
                 continue
             part = slices.parse_slice(item) if c["slices"] else None
-            self.accept(data, torrent_url, part)
+            pieces = item.get("pieces") if part is not None and c["slices_http"] else None
+            if not isinstance(pieces, str) or not pieces.startswith(("http://", "https://")):
+                pieces = None
+            self.accept(data, torrent_url, part, pieces)
         return seen, failed

@@ -8,6 +8,7 @@ hides the API differences between 2.0 and 2.1 (creating torrents).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import warnings
@@ -158,6 +159,9 @@ def lan_settings(
             # connect both ways; libtorrent drops both as duplicates and waited 60 s (x fails)
             # to try again, stalling the deploy: on a LAN, try again in seconds.
             "min_reconnect_time": 2,
+            # A peer blocks the seeder's address while its slice comes over HTTP
+            # (piecehttp.py); the tracker often runs on the seeder's host.
+            "apply_ip_filter_to_trackers": False,
             "user_agent": "murderd/libtorrent-" + _lt.__version__,
             # Peer ids tell seeders (-MS) from peers (-MP) in peer lists and accounting.
             "peer_fingerprint": fingerprint,
@@ -190,7 +194,27 @@ def lan_settings(
         )
     if announce_ip:
         settings["announce_ip"] = announce_ip
+    bound = bound_addresses(listen_interfaces)
+    if bound:
+        # Listening on given addresses only: connect out from them too, so that other
+        # peers (and their ip_filter rules, piecehttp.py) see this host by one address.
+        settings["outgoing_interfaces"] = ",".join(bound)
     return settings
+
+
+def bound_addresses(listen_interfaces: str) -> list[str]:
+    """The addresses listen_interfaces names, if it names only specific ones (else [])."""
+    found = []
+    for item in listen_interfaces.split(","):
+        host = item.strip().rsplit(":", 1)[0].strip("[]")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return []  # a device name, or no host
+        if address.is_unspecified:
+            return []
+        found.append(str(address))
+    return found
 
 
 def make_session(settings: dict) -> _lt.session:

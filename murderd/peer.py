@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import follow, fsutil, httpserver, metrics, publish, runtime, slices, torrent
+from . import follow, fsutil, httpserver, metrics, piecehttp, publish, runtime, slices, torrent
 from .lt import (
     lt,
     prioritize_pieces,
@@ -100,6 +100,10 @@ class PeerDeploy:
         self.completing = False  # verify/place under way (one at a time)
         self.top_band: list[int] = []  # staggered start: preferred pieces, until had
         self.gate: slices.Gate | None = None  # its slice of the seeder's, while it gates
+        self.pieces_url: str | None = None  # where the seeder serves the slice (piecehttp)
+        self.fetch_task: asyncio.Task | None = None  # the slice over HTTP, while it runs
+        self.http_bytes = 0  # payload of the slice fetched over HTTP (from the seeder)
+        self.seeder_address: str | None = None  # blocked for BitTorrent while it fetches
 
     def record(self) -> dict:
         return {key: getattr(self, key) for key in self.FIELDS}
@@ -130,6 +134,7 @@ class PeerService(SwarmService):
                 "follow_interval",
                 "corrupt_peer_block_seconds",
                 "slices",
+                "slices_http",
             )
         }
     )
@@ -149,11 +154,14 @@ class PeerService(SwarmService):
             client=lambda: self.client,
             settings=lambda: self.cfg["peer"],
             known=lambda info_hash: info_hash in self.deploys,
-            accept=lambda data, url, part: self._accept(data, url, None, part),
+            accept=lambda data, url, part, pieces: self._accept(data, url, None, part, pieces),
             reslice=self._reslice,
         )
         self.hash_failures_total = 0
         self.blocked: dict[str, float] = {}  # address -> when it was blocked (monotonic)
+        # Seeders whose BitTorrent connections are kept away while slices come over HTTP:
+        # address -> deploys fetching from it (piecehttp.py).
+        self.seeders_blocked: dict[str, int] = {}
         self.flush_waiters: dict[str, asyncio.Future] = {}
         self.gate_task: asyncio.Task | None = None
         self.metrics = metrics.DaemonMetrics("peer", lambda: self.session)
@@ -311,11 +319,17 @@ class PeerService(SwarmService):
             log.error("cannot quarantine %s: %s", name, exc)
 
     def _accept(
-        self, data: bytes, source: str, drop_path: Path | None, part: tuple | None = None
+        self,
+        data: bytes,
+        source: str,
+        drop_path: Path | None,
+        part: tuple | None = None,
+        pieces: str | None = None,
     ) -> None:
         """Validate a torrent; start it, or quarantine it with the reason.
 
-        part: the slice of its pieces the seeder dealt this peer (slices.py).
+        part: the slice of its pieces the seeder dealt this peer (slices.py); pieces: the
+        URL the seeder serves them at (piecehttp.py).
         """
         c = self.cfg["peer"]
 
@@ -354,6 +368,7 @@ class PeerService(SwarmService):
         deploy.torrent = parsed
         if part is not None:
             deploy.gate = slices.Gate(part, time.monotonic())
+            deploy.pieces_url = pieces
         self.deploys[deploy.info_hash] = deploy
         self._write_state(deploy)
         self._consume(drop_path)
@@ -399,7 +414,13 @@ class PeerService(SwarmService):
         params.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
         params.flags &= ~lt.torrent_flags.seed_mode
         fsutil.ensure_dir(self._staging(deploy))
+        address = None
+        if deploy.gate is not None and deploy.pieces_url and deploy.fetch_task is None:
+            # A literal address is blocked before libtorrent can connect to the seeder.
+            address = self._slice_address(deploy, piecehttp.literal(deploy.pieces_url))
         deploy.handle = self.session.add_torrent(params)
+        if deploy.gate is not None and deploy.pieces_url and deploy.fetch_task is None:
+            deploy.fetch_task = self.spawn(self._fetch_slice(deploy, deploy.gate, address))
         if deploy.gate is not None:
             self._gate(deploy, time.monotonic())  # before libtorrent asks for anything
             if self.gate_task is None or self.gate_task.done():
@@ -421,7 +442,7 @@ class PeerService(SwarmService):
                     self._gate(deploy, now)
                 except Exception:
                     log.exception("deploy %s: cannot gate its pieces", deploy.name)
-                    deploy.gate = None
+                    self._ungate(deploy)
             await asyncio.sleep(slices.GATE_EVERY)
 
     def _reslice(self, info_hash: str, part: slices.Part) -> None:
@@ -436,21 +457,40 @@ class PeerService(SwarmService):
         )  # fmt: skip
         if deploy.handle is not None and deploy.handle.is_valid():
             self._gate(deploy, time.monotonic())  # at once, not at the next tick
+        if deploy.gate.fetch is not None:
+            deploy.gate.fetch.more.set()
+
+    def _ungate(self, deploy: PeerDeploy) -> None:
+        """The deploy no longer gates: any piece from anyone (and no more fetching)."""
+        deploy.gate = None
+        task, deploy.fetch_task = deploy.fetch_task, None
+        if task is not None:
+            task.cancel()
+        self._unblock_seeder(deploy)
+
+    def _unblock_seeder(self, deploy: PeerDeploy) -> None:
+        address, deploy.seeder_address = deploy.seeder_address, None
+        if address is None:
+            return
+        left = self.seeders_blocked.pop(address, 1) - 1
+        if left > 0:
+            self.seeders_blocked[address] = left
+        self._apply_blocks()
 
     def _gate(self, deploy: PeerDeploy, now: float) -> None:
         gate = deploy.gate
         handle = deploy.handle
         if deploy.state not in ("queued", "downloading", "stalled"):
-            deploy.gate = None
+            self._ungate(deploy)
             return
         if handle is None or not handle.is_valid() or deploy.state == "stalled":
             gate.pause(now)
             return
         status = handle.status(0)
         if status.is_seeding:
-            deploy.gate = None
-        elif not gate.update(handle, status.total_payload_download, now):
-            deploy.gate = None
+            self._ungate(deploy)
+        elif not gate.update(handle, status.total_payload_download + deploy.http_bytes, now):
+            self._ungate(deploy)
             if gate.ended == "stalled":
                 log.info(
                     "deploy %s: no data for %g s with slices: any piece from anyone now",
@@ -459,6 +499,71 @@ class PeerService(SwarmService):
                 )
             else:
                 log.debug("deploy %s: own slice in: any piece from anyone now", deploy.name)
+
+    def _slice_address(self, deploy: PeerDeploy, address: str | None) -> str | None:
+        """The seeder's address, blocked for BitTorrent, if the slice can come over HTTP."""
+        if address is None or not self.cfg["peer"]["slices_http"]:
+            return None
+        listening = self.session.get_settings()["listen_interfaces"]
+        if not piecehttp.may_block(address, listening):
+            log.info(
+                "deploy %s: slice over BitTorrent: the seeder (%s) shares this peer's address",
+                deploy.name,
+                address,
+            )
+            deploy.pieces_url = None
+            return None
+        self.seeders_blocked[address] = self.seeders_blocked.get(address, 0) + 1
+        deploy.seeder_address = address
+        self._apply_blocks()
+        return address
+
+    async def _fetch_slice(self, deploy: PeerDeploy, gate: slices.Gate, address) -> None:
+        """Take the deploy's slice over HTTP from the seeder, if this peer can (piecehttp)."""
+        url = deploy.pieces_url
+        if address is None and url:  # a name: resolved first
+            found = await piecehttp.resolve(url)
+            if deploy.gate is gate:
+                address = self._slice_address(deploy, found)
+        if address is None:
+            return
+        handle = deploy.handle
+        info = deploy.torrent.info
+
+        def add(piece: int, data: bytes) -> None:
+            deploy.http_bytes += len(data)
+            if handle.is_valid():
+                handle.add_piece(piece, data, 0)
+
+        fetch = piecehttp.Fetch(
+            url,
+            missing=lambda: gate.missing,
+            have=lambda p: handle.is_valid() and handle.have_piece(p),
+            add=add,
+            size=info.piece_size,
+        )
+        gate.fetching(fetch)
+        log.info(
+            "deploy %s: slice over HTTP from %s (its BitTorrent connections kept away meanwhile)",
+            deploy.name,
+            url,
+        )
+        try:
+            await fetch.run(self.client, self.follower.ident, self.cfg["peer"]["url_timeout"])
+        finally:
+            log.debug(
+                "deploy %s: %d pieces (%d bytes) over HTTP", deploy.name, fetch.pieces, fetch.bytes
+            )
+        if fetch.failed and deploy.gate is gate:
+            log.warning(
+                "deploy %s: cannot fetch the slice over HTTP (%s): any piece from anyone now",
+                deploy.name,
+                fetch.failed,
+            )
+            deploy.fetch_task = None
+            self._ungate(deploy)
+            if handle.is_valid():
+                handle.prioritize_pieces([4] * info.num_pieces())  # libtorrent's default
 
     def _stagger(self, deploy: PeerDeploy) -> None:
         """Among equally rare pieces, prefer the half of the file after a random offset.
@@ -563,7 +668,7 @@ class PeerService(SwarmService):
 
     def _apply_blocks(self) -> None:
         blocked = lt.ip_filter()
-        for address in self.blocked:
+        for address in set(self.blocked).union(self.seeders_blocked):
             blocked.add_rule(address, address, 1)
         self.session.set_ip_filter(blocked)
 
@@ -673,7 +778,9 @@ class PeerService(SwarmService):
             key = (peer.ip[0], peer.ip[1], pid)
             from_seeder = pid.startswith(SEEDER_FINGERPRINT)
             deploy.peer_bytes[key] = (from_seeder, peer.total_download)
-        deploy.bytes_from_seeder = sum(b for s, b in deploy.peer_bytes.values() if s)
+        deploy.bytes_from_seeder = deploy.http_bytes + sum(
+            b for s, b in deploy.peer_bytes.values() if s
+        )
         deploy.bytes_from_peers = sum(b for s, b in deploy.peer_bytes.values() if not s)
 
     # --- resume data ------------------------------------------------------------------
@@ -919,6 +1026,7 @@ class PeerService(SwarmService):
             if timer is not None:
                 timer.cancel()
         deploy.linger_timer = deploy.retry_timer = None
+        self._ungate(deploy)
         if deploy.handle is not None and deploy.handle.is_valid():
             self.session.remove_torrent(deploy.handle)
         deploy.handle = None

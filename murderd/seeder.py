@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
-from . import fsutil, httpserver, metrics, runtime, slices, torrent
+from . import fsutil, httpserver, metrics, piecehttp, runtime, slices, torrent
 from .lt import lt
 from .swarm import SwarmService
 
@@ -43,6 +43,7 @@ class Deploy:
         self.created = made["created"]
         self.sources = made["sources"]  # [[abspath, size, mtime_ns]]
         self.handle = None
+        self.info = None  # its libtorrent torrent_info, once seeded (pieces served over HTTP)
         self.dealer: slices.Dealer | None = None  # who owns which piece (slices.py); not kept
 
     def record(self) -> dict:
@@ -69,7 +70,12 @@ class SeederService(SwarmService):
     section = "seeder"
     fingerprint = "-MS0100-"
     live_keys = frozenset(
-        {("seeder", "upload_rate_limit"), ("seeder", "ignore_suffixes"), ("seeder", "slices")}
+        {
+            ("seeder", "upload_rate_limit"),
+            ("seeder", "ignore_suffixes"),
+            ("seeder", "slices"),
+            ("seeder", "slices_http"),
+        }
     )
 
     def __init__(self, cfg):
@@ -98,6 +104,11 @@ class SeederService(SwarmService):
             "Peers following index.json now (a long poll open, or answered in the last 10 s)",
             registry=self.metrics.registry,
         ).set_function(lambda: len(self.followers.live(time.monotonic())))
+        self.pieces_served = Counter(
+            "murderd_seeder_piece_http_bytes",
+            "Bytes of pieces served to following peers over HTTP (their slices)",
+            registry=self.metrics.registry,
+        )
         self.slice_moves = Counter(
             "murderd_seeder_slice_moves",
             "Times the seeder moved the rest of a lagging slice to a peer about to run out",
@@ -371,11 +382,15 @@ class SeederService(SwarmService):
                     )  # fmt: skip
                     self._wake_index_waiters()
                 if dealer.done:
-                    log.info(
-                        "deploy %s: every piece is out (%d slice moves)", deploy.name, dealer.moves
-                    )
+                    self._all_out(deploy)
             took = time.monotonic() - started
             await asyncio.sleep(max(slices.REBALANCE_EVERY, slices.REBALANCE_COST * took))
+
+    @staticmethod
+    def _all_out(deploy: Deploy) -> None:
+        log.info(
+            "deploy %s: every piece is out (%d slice moves)", deploy.name, deploy.dealer.moves
+        )
 
     def _seed(self, deploy: Deploy, parsed: torrent.Torrent) -> None:
         params = lt.add_torrent_params()
@@ -383,6 +398,7 @@ class SeederService(SwarmService):
         params.save_path = str(self.drop_dir)  # relpaths start at the dropped entry
         params.flags = lt.torrent_flags.seed_mode
         deploy.handle = self.session.add_torrent(params)
+        deploy.info = parsed.info
 
     def _remove_from_session(self, deploy: Deploy) -> None:
         if deploy.handle is not None and deploy.handle.is_valid():
@@ -507,6 +523,7 @@ class SeederService(SwarmService):
         app = web.Application()
         app.router.add_get("/index.json", self._index)
         app.router.add_get("/torrents/{file}", self._torrent_file)
+        app.router.add_get("/pieces/{info_hash}/{index}", self._piece)
         app.router.add_get("/healthz", lambda request: web.Response(text="ok\n"))
         app.router.add_get("/metrics", self.metrics.handle)
         return app
@@ -533,6 +550,8 @@ class SeederService(SwarmService):
                     item["slice_add"] = list(part.added)
                 if part.dropped:
                     item["slice_drop"] = list(part.dropped)
+                if self.cfg["seeder"]["slices_http"]:
+                    item["pieces"] = f"{self.base_url()}/pieces/{d.info_hash}/"
             out.append(item)
         return out
 
@@ -574,6 +593,31 @@ class SeederService(SwarmService):
         except FileNotFoundError:
             raise web.HTTPNotFound(text="no such deploy\n") from None
         return web.Response(body=data, content_type="application/x-bittorrent")
+
+    async def _piece(self, request: web.Request) -> web.Response:
+        """One piece of a deploy: a follower's slice, taken over HTTP (piecehttp.py)."""
+        if not self.cfg["seeder"]["slices_http"]:
+            raise web.HTTPNotFound(text="pieces are not served (slices_http off)\n")
+        info_hash, raw = request.match_info["info_hash"], request.match_info["index"]
+        deploy = next((d for d in self.deploys.values() if d.info_hash == info_hash), None)
+        if deploy is None or deploy.info is None:
+            raise web.HTTPNotFound(text="no such deploy\n")
+        if not raw.isdigit() or int(raw) >= deploy.info.num_pieces():
+            raise web.HTTPNotFound(text="no such piece\n")
+        index = int(raw)
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, piecehttp.read_piece, deploy.info, str(self.drop_dir), index
+            )
+        except OSError as exc:
+            log.error("deploy %s: cannot read piece %d: %s", deploy.name, index, exc)
+            raise web.HTTPServiceUnavailable(text="cannot read the piece\n") from None
+        if deploy.dealer is not None and not deploy.dealer.done:
+            deploy.dealer.sent(index)
+            if deploy.dealer.done:
+                self._all_out(deploy)
+        self.pieces_served.inc(len(data))
+        return web.Response(body=data, content_type="application/octet-stream")
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ seeder is not a murder-seeder, or a restart lost the assignment) never gates.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 from typing import NamedTuple
@@ -199,6 +200,12 @@ class Dealer:
         if any(bitfield[p] for p in self.pending):
             self.pending = [p for p in self.pending if not bitfield[p]]
 
+    def sent(self, piece: int) -> None:
+        """The seeder served piece over HTTP (piecehttp.py): it is out."""
+        at = bisect.bisect_left(self.pending, piece)
+        if at < len(self.pending) and self.pending[at] == piece:
+            del self.pending[at]
+
     def rebalance(self, now: float) -> set[int]:
         """Give hungry followers the back half of the slowest slice's remainder.
 
@@ -236,15 +243,19 @@ class Dealer:
         return changed
 
 
-def priorities(availability: list[int], own: set[int], missing: list[int]) -> list[int]:
+def priorities(
+    availability: list[int], own: set[int], missing: list[int], seeds: int = 1
+) -> list[int]:
     """Piece priorities for a peer owning the pieces own, given each piece's availability.
 
     missing: the own pieces it does not have, in order; the back half of them gets OWN_BACK,
     so that the pieces the seeder moves to another peer are the ones not asked for yet.
+    seeds: how many of the connected peers are seeds with every piece (the seeder; 0 while
+    the slice comes over HTTP and the seeder is kept away): a piece only they have is HELD.
     """
     back = set(missing[len(missing) - len(missing) // 2 :])
     return [
-        (OWN_BACK if p in back else OWN) if p in own else (OTHERS if seen >= 2 else HELD)
+        (OWN_BACK if p in back else OWN) if p in own else (OTHERS if seen > seeds else HELD)
         for p, seen in enumerate(availability)
     ]
 
@@ -263,6 +274,7 @@ class Gate:
         self.own_done_at: float | None = None
         self.may_release = False
         self.ended = ""  # why the gate is off: "stalled" or "released"
+        self.fetch = None  # the slice over HTTP (piecehttp.Fetch), when it comes that way
 
     def first(self, total: int) -> list[int]:
         """Priorities to add the torrent with: libtorrent asks for pieces before update()
@@ -279,7 +291,15 @@ class Gate:
         self.own = self.part.pieces(self.total)
         self.missing = sorted(self.own)  # update() drops the ones it has
         self.own_done_at = None
-        self.may_release = bool(self.own) and self.part.count <= RELEASE_MAX_SLICES
+        # Over HTTP the seeder is away: nothing to take from it over BitTorrent.
+        self.may_release = (
+            bool(self.own) and self.part.count <= RELEASE_MAX_SLICES and self.fetch is None
+        )
+
+    def fetching(self, fetch) -> None:
+        """The slice comes over HTTP from now on (piecehttp.Fetch), the seeder kept away."""
+        self.fetch = fetch
+        self.may_release = False
 
     def pause(self, now: float) -> None:
         """Not downloading now (stalled, checking): the stall clock starts over later."""
@@ -311,7 +331,7 @@ class Gate:
         if self.ended:
             handle.prioritize_pieces([4] * len(availability))  # libtorrent's default
             return False
-        wanted = priorities(availability, self.own, self.missing)
+        wanted = priorities(availability, self.own, self.missing, 0 if self.fetch else 1)
         if wanted != self.last:
             handle.prioritize_pieces(wanted)
             self.last = wanted

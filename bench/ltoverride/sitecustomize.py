@@ -24,6 +24,16 @@ if _raw:
 
     _mlt.lan_settings = lan_settings
 
+    # "const": {"murderd.MODULE.NAME": value}: module constants for A/B tuning runs.
+    import importlib as _importlib
+
+    for _name, _value in _overrides.get("const", {}).items():
+        _module, _, _attr = _name.rpartition(".")
+        _mod = _importlib.import_module(_module)
+        if not hasattr(_mod, _attr):
+            raise SystemExit(f"MURDERD_BENCH_LT: {_name} does not exist")
+        setattr(_mod, _attr, _value)
+
     # "seed_flags": torrent flags the seeder sets on each deploy it seeds (e.g. super_seeding).
     _seed_flags = _overrides.get("seed_flags")
     if _seed_flags:

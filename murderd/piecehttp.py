@@ -1,0 +1,209 @@
+"""A follower's own slice straight from the seeder over HTTP (slices.py).
+
+Over BitTorrent a follower asks the seeder for its slice, and, whenever its queue to the
+seeder has room and its own pieces are all asked for, for pieces other peers already have:
+libtorrent fills a connection's free request slots with any wanted piece the remote has,
+and the seeder has them all.  The seeder then sent 1.2-1.3 x the file (bench/, session 4)
+and a deploy took that much longer than its link allows; libtorrent's Python bindings have
+no per-connection control of requests.
+
+So a seeder that deals slices also serves single pieces (GET <pieces>/<index>, the
+"pieces" URL of an index.json item), and a follower with an address of its own takes its
+slice that way (Fetch): each piece goes to libtorrent with add_piece(), which hashes it
+like a downloaded one (a bad piece is a hash failure and is fetched again), and the peer
+keeps the seeder's BitTorrent connection away (an ip_filter rule on the seeder's address;
+trackers are exempt) while it fetches.  What the seeder sends a follower is then its
+slice, once; the other pieces come from the other peers.  The seeder's Dealer counts a
+piece out once it is served.
+
+A follower sharing its address with the seeder (one host, as in `make demo`: blocking the
+address would block every peer) keeps to BitTorrent (may_block).  When fetching fails for
+FAIL_SECONDS the follower unblocks the seeder and takes any piece from anyone, as without
+slices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import time
+from typing import Callable
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .lt import bound_addresses
+
+log = logging.getLogger(__name__)
+
+CONCURRENCY = 2  # pieces in flight from the seeder per deploy (one finishing, one starting)
+FAIL_SECONDS = 2.0  # no piece fetched for this long while some fail: back to BitTorrent
+RETRY_FIRST = 0.1  # seconds before the first retry of a failed fetch (then doubled)
+REFETCH_SECONDS = 5.0  # a piece handed to libtorrent and still not had: fetch it again
+IDLE_WAIT = 0.2  # nothing to fetch: look again after this long (or when the slice grows)
+
+
+# --- the seeder's side ----------------------------------------------------------------
+
+
+def read_piece(info, root: str, index: int) -> bytes:
+    """Piece index of the torrent info (a libtorrent torrent_info) seeded from root."""
+    files = info.files()
+    out = bytearray()
+    for part in info.map_block(index, 0, info.piece_size(index)):
+        if files.file_flags(part.file_index) & files.flag_pad_file:
+            out += bytes(part.size)
+            continue
+        path = os.path.join(root, files.file_path(part.file_index))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, part.size, part.offset)
+        finally:
+            os.close(fd)
+        if len(data) != part.size:
+            raise OSError(f"{path} is shorter than the torrent says")
+        out += data
+    return bytes(out)
+
+
+# --- the follower's side --------------------------------------------------------------
+
+
+def may_block(seeder_ip: str, listen_interfaces: str) -> bool:
+    """Can a peer listening on listen_interfaces block seeder_ip, sparing the other peers?
+
+    Not when the seeder has one of the peer's own addresses; not when the peer listens on
+    every address (or a device) and the seeder is on loopback: a fleet on one host shares it.
+    """
+    try:
+        seeder = ipaddress.ip_address(seeder_ip)
+    except ValueError:
+        return False
+    own = bound_addresses(listen_interfaces)
+    if not own:
+        return not seeder.is_loopback
+    return seeder_ip not in own and str(seeder) not in own
+
+
+def literal(url: str) -> str | None:
+    """url's host when it is an address (not a name)."""
+    try:
+        return str(ipaddress.ip_address(urlsplit(url).hostname or ""))
+    except ValueError:
+        return None
+
+
+async def resolve(url: str) -> str | None:
+    """The address of url's host (a name resolved once); None when it has none."""
+    host = urlsplit(url).hostname
+    if not host:
+        return None
+    if literal(url):
+        return literal(url)
+    try:
+        found = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    return found[0][4][0] if found else None
+
+
+class Fetch:
+    """One deploy's slice fetched from the seeder: run() until the gate no longer wants it.
+
+    missing(): the own pieces not had yet, in the order to fetch them (the gate's list).
+    have(p): has libtorrent got piece p (hashed and written)?
+    add(p, data): hand a fetched piece to libtorrent.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        missing: Callable[[], list[int] | None],
+        have: Callable[[int], bool],
+        add: Callable[[int, bytes], None],
+        size: Callable[[int], int],
+    ):
+        self.url = url.rstrip("/") + "/"
+        self.missing = missing
+        self.have = have
+        self.add = add
+        self.size = size
+        self.bytes = 0  # payload fetched
+        self.pieces = 0
+        self.added_at: dict[int, float] = {}  # piece -> when handed to libtorrent
+        self.flight: set[int] = set()
+        self.more = asyncio.Event()  # the slice grew (the seeder moved pieces here)
+        self.failed = ""  # why it gave up ("" while it works or once done)
+        self.last_ok = time.monotonic()
+
+    def _next(self, now: float) -> int | None:
+        for p in self.missing() or ():
+            if p in self.flight or now - self.added_at.get(p, -REFETCH_SECONDS) < REFETCH_SECONDS:
+                continue
+            if not self.have(p):
+                return p
+        return None
+
+    async def run(self, client: aiohttp.ClientSession, ident: str, timeout: float) -> None:
+        """Fetch the missing pieces as they come, until cancelled or fetching fails."""
+        workers = [
+            asyncio.ensure_future(self._worker(client, ident, timeout)) for _ in range(CONCURRENCY)
+        ]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+
+    async def _worker(self, client: aiohttp.ClientSession, ident: str, timeout: float) -> None:
+        backoff = RETRY_FIRST
+        while not self.failed:
+            now = time.monotonic()
+            piece = self._next(now)
+            if piece is None:
+                self.more.clear()
+                try:
+                    await asyncio.wait_for(self.more.wait(), IDLE_WAIT)
+                except asyncio.TimeoutError:
+                    pass
+                self.last_ok = max(self.last_ok, time.monotonic() - IDLE_WAIT)
+                continue
+            self.flight.add(piece)
+            try:
+                data = await self._get(client, piece, ident, timeout)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                if time.monotonic() - self.last_ok >= FAIL_SECONDS:
+                    self.failed = f"piece {piece}: {exc or type(exc).__name__}"
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, FAIL_SECONDS)
+                continue
+            finally:
+                self.flight.discard(piece)
+            backoff = RETRY_FIRST
+            self.last_ok = time.monotonic()
+            self.bytes += len(data)
+            self.pieces += 1
+            self.added_at[piece] = self.last_ok
+            self.add(piece, data)
+
+    async def _get(
+        self, client: aiohttp.ClientSession, piece: int, ident: str, timeout: float
+    ) -> bytes:
+        url = f"{self.url}{piece}?peer={ident}"
+        want = self.size(piece)
+        async with client.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            if resp.status != 200:
+                raise ValueError(f"{url} answered HTTP {resp.status}")
+            data = bytearray()
+            while len(data) <= want:
+                chunk = await resp.content.read(want + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        if len(data) != want:
+            raise ValueError(f"{url}: {len(data)} bytes, not the piece's {want}")
+        return bytes(data)
