@@ -74,6 +74,18 @@ def parse_lt_set(items: list) -> dict:
     return out
 
 
+def parse_conf_set(items: list) -> dict:
+    """['seeder.slices_http=no', ...] -> {'seeder': {'slices_http': 'no'}} (config keys)."""
+    out: dict = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not eq or section not in ("tracker", "seeder", "peer") or not name:
+            raise SystemExit(f"--set {item}: want tracker|seeder|peer.KEY=VALUE")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
 def machine() -> dict:
     model = ""
     with open("/proc/cpuinfo") as handle:
@@ -167,6 +179,10 @@ def main(argv: list | None = None) -> int:
         help="override a libtorrent setting in the daemons (A/B tuning runs)",
     )  # fmt: skip
     parser.add_argument(
+        "--set", action="append", default=[], dest="conf_set", metavar="SECTION.KEY=VALUE",
+        help="set a murderd config key in the swarm runs' daemons (A/B runs of a setting)",
+    )  # fmt: skip
+    parser.add_argument(
         "--timeline", type=float, default=0.0, metavar="SECONDS",
         help="sample every host's traffic this often during murderd runs (diagnosis)",
     )  # fmt: skip
@@ -193,6 +209,7 @@ def main(argv: list | None = None) -> int:
     signal.signal(signal.SIGHUP, _terminate)
     plot_ok = ensure_matplotlib()
     lt_overrides = parse_lt_set(args.lt_set)
+    conf_set = parse_conf_set(args.conf_set)
     stale = netns.remove_stale()
     if stale:
         log.info("removed %d namespaces left by an earlier run", len(stale))
@@ -212,13 +229,14 @@ def main(argv: list | None = None) -> int:
             "mode": args.mode,
             "piece_size": args.piece_size,
             "lt_overrides": lt_overrides,
+            "config": conf_set,
             "tbf_goodput": netns.TBF_GOODPUT,
             "repeat": args.repeat,
         },
     }
     try:
         if "swarm" in parts or "sweep" in parts:
-            results.update(run_swarms(args, parts, work, lt_overrides))
+            results.update(run_swarms(args, parts, work, lt_overrides, conf_set))
         if "seed" in parts:
             from bench import seedtime
 
@@ -263,7 +281,7 @@ def _median_run(runs: list):
     return chosen
 
 
-def run_swarms(args, parts: list, work: Path, lt_overrides: dict) -> dict:
+def run_swarms(args, parts: list, work: Path, lt_overrides: dict, conf_set: dict) -> dict:
     sweep = sorted({int(n) for n in args.sweep.split(",") if n}) if "sweep" in parts else []
     counts = sorted(set(sweep) | ({args.peers} if "swarm" in parts else set()))
     source = work / "deploy-1.0.bin"
@@ -285,6 +303,7 @@ def run_swarms(args, parts: list, work: Path, lt_overrides: dict) -> dict:
                         work,
                         mode=args.mode,
                         lt_overrides=lt_overrides,
+                        conf_set=conf_set,
                         piece_size=args.piece_size,
                         timeline_every=args.timeline,
                         log_level=args.log_level,

@@ -126,13 +126,17 @@ def run_murderd(
     *,
     mode: str = "follow",
     lt_overrides: dict | None = None,
+    conf_set: dict | None = None,
     piece_size: int = 0,
     log_level: str = "info",
     timeline_every: float = 0.0,
 ) -> SwarmRun:
     """Drop source on host 0's seeder; the clock stops when hosts 1..peers have it placed."""
     result = _new_run("murderd", peers, bed, source.stat().st_size)
-    result.detail.update(mode=mode, lt_overrides=lt_overrides or {}, piece_size=piece_size)
+    conf_set = conf_set or {}
+    result.detail.update(
+        mode=mode, lt_overrides=lt_overrides or {}, config=conf_set, piece_size=piece_size
+    )
     root = work / f"murderd-{peers}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -156,6 +160,7 @@ def run_murderd(
                 "token_file": str(token),
                 "interval": 15,
                 "min_interval": 1,
+                **conf_set.get("tracker", {}),
             },
         },
     )
@@ -172,6 +177,7 @@ def run_murderd(
                 "token_file": str(token),
                 "listen_interfaces": f"{seeder_ip}:{BT_PORT}",
                 "piece_size": piece_size,
+                **conf_set.get("seeder", {}),
             },
         },
     )
@@ -189,7 +195,7 @@ def run_murderd(
             log_cfg,
             f"{bed.address(host)}:{BT_PORT}",
             follow_url if mode == "follow" else "",
-            linger_seconds=60,
+            **{"linger_seconds": 60, **conf_set.get("peer", {})},
         )
         daemons.append(Daemon("peer", cfg, base, env, bed.exec_prefix(host)))
     name = source.name

@@ -22,12 +22,13 @@ from pathlib import Path
 from . import fsutil
 
 BIN = Path(sys.executable).parent
+PEER_ADDRESS_BASE = 11  # LocalFleet(peer_addresses=True): peer i on 127.0.0.(11 + i)
 _serial = count()
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -206,7 +207,9 @@ class LocalFleet:
     """Tracker + seeder + N peers under root, all on 127.0.0.1.
 
     With follow=True every peer follows the seeder's index.json, so a file dropped on the
-    seeder reaches every peer with no further step.
+    seeder reaches every peer with no further step.  With peer_addresses=True peer i
+    listens on an address of its own, 127.0.0.<PEER_ADDRESS_BASE + i> (all of 127/8 is
+    loopback on Linux), as on separate hosts: the seeder's address is then not theirs.
     """
 
     def __init__(
@@ -219,6 +222,7 @@ class LocalFleet:
         peer: dict | None = None,
         follow: bool = False,
         log_level: str = "info",
+        peer_addresses: bool = False,
     ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -266,14 +270,18 @@ class LocalFleet:
         )
         self.peer_dirs = []
         self.peer_configs = []
-        for index in range(peers):
+        self.peer_hosts = [
+            f"127.0.0.{PEER_ADDRESS_BASE + index}" if peer_addresses else "127.0.0.1"
+            for index in range(peers)
+        ]
+        for index, host in enumerate(self.peer_hosts):
             base = self.root / f"peer{index + 1}"
             self.peer_dirs.append(base)
             self.peer_configs.append(
                 write_peer_config(
                     base,
                     log,
-                    f"127.0.0.1:{free_port()}",
+                    f"{host}:{free_port(host)}",
                     f"{self.seeder_url}/index.json" if follow else "",
                     **{"linger_seconds": 5, **(peer or {})},
                 )

@@ -388,9 +388,7 @@ class SeederService(SwarmService):
 
     @staticmethod
     def _all_out(deploy: Deploy) -> None:
-        log.info(
-            "deploy %s: every piece is out (%d slice moves)", deploy.name, deploy.dealer.moves
-        )
+        log.info("deploy %s: every piece is out (%d slice moves)", deploy.name, deploy.dealer.moves)
 
     def _seed(self, deploy: Deploy, parsed: torrent.Torrent) -> None:
         params = lt.add_torrent_params()
@@ -602,7 +600,7 @@ class SeederService(SwarmService):
         deploy = next((d for d in self.deploys.values() if d.info_hash == info_hash), None)
         if deploy is None or deploy.info is None:
             raise web.HTTPNotFound(text="no such deploy\n")
-        if not raw.isdigit() or int(raw) >= deploy.info.num_pieces():
+        if not (raw.isascii() and raw.isdigit()) or int(raw) >= deploy.info.num_pieces():
             raise web.HTTPNotFound(text="no such piece\n")
         index = int(raw)
         try:
