@@ -21,7 +21,9 @@ def override_env(lt_overrides: dict) -> dict:
     """Environment that makes murderd daemons apply libtorrent overrides (bench/ltoverride)."""
     if not lt_overrides:
         return {}
-    return {"PYTHONPATH": str(HERE / "ltoverride"), "MURDERD_BENCH_LT": json.dumps(lt_overrides)}
+    # Before any PYTHONPATH of the run's own (an A/B run of another checkout's murderd).
+    path = os.pathsep.join(filter(None, (str(HERE / "ltoverride"), os.environ.get("PYTHONPATH"))))
+    return {"PYTHONPATH": path, "MURDERD_BENCH_LT": json.dumps(lt_overrides)}
 
 
 def mbit(rate_bit: int) -> str:

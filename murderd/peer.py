@@ -450,6 +450,9 @@ class PeerService(SwarmService):
         deploy = self.deploys.get(info_hash)
         if deploy is None or deploy.gate is None or deploy.gate.part == part:
             return
+        if part.out:
+            self._all_out(deploy)
+            return
         deploy.gate.reslice(part)
         log.debug(
             "deploy %s: slice now %d pieces (+%d -%d)",
@@ -459,6 +462,27 @@ class PeerService(SwarmService):
             self._gate(deploy, time.monotonic())  # at once, not at the next tick
         if deploy.gate.fetch is not None:
             deploy.gate.fetch.more.set()
+
+    def _all_out(self, deploy: PeerDeploy) -> None:
+        """Every piece has left the seeder once (slices.Part.out): the gate ends.
+
+        The seeder's link is free from now on, while the peers still pass the last pieces
+        round: any piece from anyone, the seeder included (let back in over BitTorrent, and
+        found again through the tracker at once).  Pieces on their way over HTTP still come.
+        """
+        gate, deploy.gate = deploy.gate, None
+        if gate.fetch is not None:
+            gate.fetch.drain()
+        kept_away = deploy.seeder_address is not None
+        self._unblock_seeder(deploy)
+        handle = deploy.handle
+        if handle is not None and handle.is_valid():
+            handle.prioritize_pieces([4] * deploy.torrent.info.num_pieces())  # the default
+            if kept_away:
+                handle.force_reannounce(0, -1, lt.reannounce_flags_t.ignore_min_interval)
+        log.info(
+            "deploy %s: every piece has left the seeder: any piece from anyone now", deploy.name
+        )
 
     def _ungate(self, deploy: PeerDeploy) -> None:
         """The deploy no longer gates: any piece from anyone (and no more fetching)."""

@@ -386,9 +386,10 @@ class SeederService(SwarmService):
             took = time.monotonic() - started
             await asyncio.sleep(max(slices.REBALANCE_EVERY, slices.REBALANCE_COST * took))
 
-    @staticmethod
-    def _all_out(deploy: Deploy) -> None:
+    def _all_out(self, deploy: Deploy) -> None:
+        """Every piece has left once: the followers hear it (index.json "out") at once."""
         log.info("deploy %s: every piece is out (%d slice moves)", deploy.name, deploy.dealer.moves)
+        self._wake_index_waiters()
 
     def _seed(self, deploy: Deploy, parsed: torrent.Torrent) -> None:
         params = lt.add_torrent_params()
@@ -548,6 +549,8 @@ class SeederService(SwarmService):
                     item["slice_add"] = list(part.added)
                 if part.dropped:
                     item["slice_drop"] = list(part.dropped)
+                if part.out:
+                    item["out"] = True
                 if self.cfg["seeder"]["slices_http"]:
                     item["pieces"] = f"{self.base_url()}/pieces/{d.info_hash}/"
             out.append(item)

@@ -29,7 +29,10 @@ nothing more): RELEASE_SECONDS after its own slice is complete a peer no longer 
 pieces back (bench, N=8, medians of 3 runs, interleaved: never
 released 8.9 and 8.9 s, 0.5 s 8.2 and 8.2 s; 1.5 s 8.3 and 8.7 s against 0.5 s 7.9 and
 8.2 s; released by a drop in the download rate instead 8.4 and 8.4 s against 8.1 and
-8.0 s).  Nothing waits on a slice owner that is gone: when no payload arrived for
+8.0 s).  Once every piece has left the seeder (Dealer.done) every follower hears it
+(Part.out, "out" in index.json) and drops its gate at once: the seeder's link has nothing
+else to carry, so the last pieces may come from it too.  Nothing waits on a slice owner
+that is gone: when no payload arrived for
 STALL_SECONDS the peer drops the gate and asks for every piece from anyone, as without
 slices.  A peer with no slice (it was not following when the deploy was published, the
 seeder is not a murder-seeder, or a restart lost the assignment) never gates.
@@ -79,12 +82,17 @@ def follower_id(raw: str | None) -> str | None:
 
 
 class Part(NamedTuple):
-    """A peer's slice of a deploy: pieces p % count == index, plus added, minus dropped."""
+    """A peer's slice of a deploy: pieces p % count == index, plus added, minus dropped.
+
+    out: every piece has left the seeder once (index.json's "out"): its link is free for
+    the tail, and the peers take any piece from anyone, the seeder included.
+    """
 
     index: int
     count: int
     added: tuple[int, ...] = ()
     dropped: tuple[int, ...] = ()
+    out: bool = False
 
     def pieces(self, total: int) -> set[int]:
         own = set(range(self.index, total, self.count)).union(self.added)
@@ -114,7 +122,7 @@ def parse_slice(item: dict) -> Part | None:
     added, dropped = _piece_list(item.get("slice_add")), _piece_list(item.get("slice_drop"))
     if added is None or dropped is None:
         return None
-    return Part(index, count, added, dropped)
+    return Part(index, count, added, dropped, item.get("out") is True)
 
 
 class Followers:
@@ -187,7 +195,7 @@ class Dealer:
             return None
         added = [p for p, o in enumerate(self.owner) if o == index and p % self.count != index]
         dropped = [p for p in range(index, len(self.owner), self.count) if self.owner[p] != index]
-        return Part(index, self.count, tuple(added), tuple(dropped))
+        return Part(index, self.count, tuple(added), tuple(dropped), self.done)
 
     def version(self, follower: str) -> int:
         index = self.members.get(follower)
@@ -199,12 +207,19 @@ class Dealer:
             return
         if any(bitfield[p] for p in self.pending):
             self.pending = [p for p in self.pending if not bitfield[p]]
+            self._out()
 
     def sent(self, piece: int) -> None:
         """The seeder served piece over HTTP (piecehttp.py): it is out."""
         at = bisect.bisect_left(self.pending, piece)
         if at < len(self.pending) and self.pending[at] == piece:
             del self.pending[at]
+            self._out()
+
+    def _out(self) -> None:
+        """Every piece is out: every follower's part changes (Part.out), so each hears."""
+        if not self.pending:
+            self.versions = [v + 1 for v in self.versions]
 
     def rebalance(self, now: float) -> set[int]:
         """Give hungry followers the back half of the slowest slice's remainder.

@@ -192,6 +192,33 @@ def test_the_pieces_endpoint(fleet_factory, tmp_path, slices_http):
     assert "500" not in fleet.seeder.log_text()
 
 
+def test_a_follower_hears_at_once_when_every_piece_is_out(fleet_factory, tmp_path):
+    """The last piece served: each follower's long poll is answered with "out" (its slice
+    otherwise unchanged), so the peers let the seeder back in for the tail at once."""
+    fleet = fleet_factory(0)
+    publish_to_ghosts(fleet, tmp_path / "conf-3.bin", 2 * MiB)
+    parsed = torrent.parse(fleet.torrent_for("conf-3.bin").read_bytes())
+    base = f"{fleet.seeder_url}/pieces/{parsed.info_hash}/"
+    index = fetch_index(fleet, "?peer=ghost1")
+    assert index["deploys"][0]["slice"] == [1, 2] and "out" not in index["deploys"][0]
+    for piece in range(parsed.num_pieces - 1):
+        assert http_get(f"{base}{piece}?peer=ghost0")[0] == 200
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        query = f"?after={index['generation']}&wait=50&peer=ghost1"
+        started = time.monotonic()
+        poll = pool.submit(fetch_index, fleet, query, 60)
+        # Pieces still to go: the poll is held (when it got there first, as it mostly does;
+        # then only the seeder waking it answers it within its 50 s).
+        assert http_get(f"{base}{parsed.num_pieces - 1}?peer=ghost0")[0] == 200
+        answer = poll.result(timeout=30)
+        waited = time.monotonic() - started
+    item = answer["deploys"][0]
+    assert item["out"] is True and item["slice"] == [1, 2], item
+    assert answer["generation"] != index["generation"]
+    assert waited < 40, f"the long poll ran out ({waited:.1f} s) instead of being answered"
+    assert "deploy conf-3.bin: every piece is out" in fleet.seeder.log_text()
+
+
 def test_the_pieces_endpoint_refuses_non_ascii_digits(fleet_factory, tmp_path):
     fleet = fleet_factory(0)
     publish_to_ghosts(fleet, tmp_path / "conf-2.bin", MiB)

@@ -214,6 +214,29 @@ def test_dealer_counts_a_piece_served_over_http_as_out():
     assert dealer.done
 
 
+@pytest.mark.parametrize("how", ["sent", "saw"])
+def test_every_follower_hears_when_every_piece_is_out(how):
+    """The last piece out (served, or seen in a bitfield) changes every follower's part
+    (Part.out), so that each one's long poll is answered: the seeder is free for the tail."""
+    dealer = slices.Dealer({"a": 0, "b": 1, "c": 2}, 6)
+    for p in range(5):
+        dealer.sent(p)
+    assert not dealer.done
+    assert [dealer.part(f).out for f in "abc"] == [False] * 3
+    before = [dealer.version(f) for f in "abc"]
+    if how == "sent":
+        dealer.sent(5)
+    else:
+        dealer.saw([False] * 5 + [True])
+    assert dealer.done
+    assert [dealer.part(f).out for f in "abc"] == [True] * 3
+    assert [dealer.version(f) for f in "abc"] == [v + 1 for v in before]
+    dealer.sent(5)  # again: no further change
+    dealer.saw([True] * 6)
+    assert [dealer.version(f) for f in "abc"] == [v + 1 for v in before]
+    assert slices.parse_slice({"slice": [2, 3], "out": True}) == dealer.part("c")
+
+
 def test_dealer_rates_follow_pieces_served_over_http():
     """A follower whose slice comes over HTTP is as fast as its pieces go out, and is not
     taken for the slowest: its remainder is not moved to others."""
@@ -415,6 +438,35 @@ def test_fetch_takes_the_missing_pieces_in_order():
     assert fetch.pieces == 8 and fetch.bytes == sum(len(d) for _, d in target.added)
     assert fetch.bytes == 8 * PIECE - 1000  # piece 9 (the short last one) included
     assert fetch.failed == ""
+
+
+def test_fetch_drained_brings_in_what_is_on_its_way_and_asks_for_nothing_more():
+    """drain() (every piece is out: the seeder's BitTorrent is back for the tail): the pieces
+    asked for still come and go to libtorrent; no new one is asked for; run() returns."""
+    data = os.urandom(SIZE)
+
+    async def main():
+        async with PieceServer(data, PIECE, delay=0.3) as server:
+            target = Libtorrent(PIECES, list(range(PIECES)), PIECE, SIZE)
+            fetch = _fetch(server, target)
+            async with aiohttp.ClientSession() as client:
+                task = asyncio.ensure_future(fetch.run(client, "me-1", 10))
+                try:
+                    await wait_until(lambda: server.in_flight > 0, 10, "a piece asked for")
+                    asked = list(server.requests)
+                    fetch.drain()
+                    await asyncio.wait_for(task, 10)
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            return server, target, fetch, asked
+
+    server, target, fetch, asked = asyncio.run(main())
+    assert asked and server.requests == asked, (asked, server.requests)
+    assert sorted(p for p, _ in target.added) == sorted(asked)
+    for p, got in target.added:
+        assert got == data[p * PIECE : (p + 1) * PIECE], f"piece {p}"
+    assert fetch.failed == "" and len(target.had) < PIECES
 
 
 def test_fetch_fetches_again_a_piece_that_libtorrent_did_not_take():

@@ -43,6 +43,8 @@ def test_assign_deals_one_slice_each_and_none_to_a_lone_follower():
         ([0, 2], (0, 2)),
         ([7, 8], (7, 8)),
         ({"slice": [1, 3], "slice_add": [5, 8], "slice_drop": [4]}, (1, 3, (5, 8), (4,))),
+        ({"slice": [1, 3], "out": True}, (1, 3, True)),
+        ({"slice": [1, 3], "out": 1}, (1, 3)),  # out only when it says true
         ({"slice": [1, 3], "slice_add": [-1]}, None),
         ({"slice": [1, 3], "slice_add": ["5"]}, None),
         ({"slice": [1, 3], "slice_drop": 4}, None),
@@ -61,7 +63,7 @@ def test_assign_deals_one_slice_each_and_none_to_a_lone_follower():
 def test_parse_slice(raw, want):
     item = raw if isinstance(raw, dict) else {"slice": raw}
     part = slices.parse_slice(item)
-    assert (None if part is None else tuple(x for x in part if x != ())) == want
+    assert (None if part is None else tuple(x for x in part if x != () and x is not False)) == want
 
 
 def test_part_pieces_with_moves():
