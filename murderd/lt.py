@@ -172,6 +172,9 @@ def lan_settings(
             "alert_queue_size": 10000,
         }
     )
+    if not seeder:
+        # piece_finished_alert: a peer hashes each deploy as its pieces come (digest.py).
+        settings["alert_mask"] |= _lt.alert.category_t.piece_progress_notification
     if seeder:
         settings.update(
             {

@@ -23,7 +23,18 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import follow, fsutil, httpserver, metrics, piecehttp, publish, runtime, slices, torrent
+from . import (
+    digest,
+    follow,
+    fsutil,
+    httpserver,
+    metrics,
+    piecehttp,
+    publish,
+    runtime,
+    slices,
+    torrent,
+)
 from .lt import (
     lt,
     prioritize_pieces,
@@ -38,6 +49,7 @@ SEEDER_FINGERPRINT = b"-MS"
 RETRY_ERROR_SECONDS = 10
 RETRY_MIN_FREE = 4 * 1024 * 1024  # a full staging filesystem counts as freed above this
 STATE_WRITE_SECONDS = 2.0
+DIGEST_STALL_SECONDS = 30.0  # verifying: no piece read back for this long, hash the files
 FREE_SPACE_MARGIN = 16 * 1024 * 1024
 FAMILY = re.compile(r"^(.+?)[-_]v?[0-9]")
 
@@ -104,6 +116,7 @@ class PeerDeploy:
         self.fetch_task: asyncio.Task | None = None  # the slice over HTTP, while it runs
         self.http_bytes = 0  # payload of the slice fetched over HTTP (from the seeder)
         self.seeder_address: str | None = None  # blocked for BitTorrent while it fetches
+        self.digest: digest.Digest | None = None  # its SHA-256, taken as pieces come
 
     def record(self) -> dict:
         return {key: getattr(self, key) for key in self.FIELDS}
@@ -419,6 +432,9 @@ class PeerService(SwarmService):
             # A literal address is blocked before libtorrent can connect to the seeder.
             address = self._slice_address(deploy, piecehttp.literal(deploy.pieces_url))
         deploy.handle = self.session.add_torrent(params)
+        self._close_digest(deploy)
+        paths = [f.path for f in deploy.torrent.files]
+        deploy.digest = digest.Digest(deploy.handle, deploy.torrent.info, paths, self.pool)
         if deploy.gate is not None and deploy.pieces_url and deploy.fetch_task is None:
             deploy.fetch_task = self.spawn(self._fetch_slice(deploy, deploy.gate, address))
         if deploy.gate is not None:
@@ -483,6 +499,12 @@ class PeerService(SwarmService):
         log.info(
             "deploy %s: every piece has left the seeder: any piece from anyone now", deploy.name
         )
+
+    @staticmethod
+    def _close_digest(deploy: PeerDeploy) -> None:
+        if deploy.digest is not None:
+            deploy.digest.close()
+            deploy.digest = None
 
     def _ungate(self, deploy: PeerDeploy) -> None:
         """The deploy no longer gates: any piece from anyone (and no more fetching)."""
@@ -631,7 +653,14 @@ class PeerService(SwarmService):
             return
         handle = getattr(alert, "handle", None)
         deploy = self._by_handle(handle) if handle is not None else None
-        if isinstance(alert, lt.cache_flushed_alert):
+        if isinstance(alert, lt.piece_finished_alert):
+            if deploy is not None and deploy.digest is not None:
+                deploy.digest.pump()
+        elif isinstance(alert, lt.read_piece_alert):
+            if deploy is not None and deploy.digest is not None:
+                failed = alert.error.message() if alert.error.value() else ""
+                deploy.digest.read(alert.piece, alert.buffer, failed)
+        elif isinstance(alert, lt.cache_flushed_alert):
             waiter = self.flush_waiters.pop(deploy.info_hash, None) if deploy else None
             if waiter is not None and not waiter.done():
                 waiter.set_result(True)
@@ -889,9 +918,20 @@ class PeerService(SwarmService):
         await self._flush(deploy)
         staging = self._staging(deploy)
         files = deploy.torrent.files
-        sums = await loop.run_in_executor(
-            self.pool, lambda: {f.path: torrent.sha256_file(staging / f.path) for f in files}
-        )
+        sums, hashed = None, "while downloading"
+        if deploy.digest is not None:
+            sums = await deploy.digest.finish(DIGEST_STALL_SECONDS)
+            if sums is None:
+                log.warning(
+                    "deploy %s: hashing while downloading failed (%s): hashing the staged files",
+                    deploy.name,
+                    deploy.digest.failed,
+                )
+        if sums is None:
+            hashed = "the staged files"
+            sums = await loop.run_in_executor(
+                self.pool, lambda: {f.path: torrent.sha256_file(staging / f.path) for f in files}
+            )
         for f in files:
             if f.sha256 and f.sha256 != sums[f.path]:
                 self._fail(
@@ -901,9 +941,10 @@ class PeerService(SwarmService):
         deploy.sha256 = sums
         how = "sha256" if deploy.torrent.has_sha256 else "piece hashes (torrent has no sha256)"
         log.info(
-            "deploy %s verified by %s: %s",
+            "deploy %s verified by %s (%s): %s",
             deploy.name,
             how,
+            hashed,
             ", ".join(f"{k}={v}" for k, v in list(sums.items())[:3]),
         )
         self._set_state(deploy, "placing")
@@ -1051,6 +1092,7 @@ class PeerService(SwarmService):
                 timer.cancel()
         deploy.linger_timer = deploy.retry_timer = None
         self._ungate(deploy)
+        self._close_digest(deploy)
         if deploy.handle is not None and deploy.handle.is_valid():
             self.session.remove_torrent(deploy.handle)
         deploy.handle = None

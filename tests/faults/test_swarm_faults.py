@@ -233,3 +233,44 @@ def test_peer_serving_corrupt_data_is_banned_and_every_copy_is_right(fleet_facto
         )
     finally:
         bad.close()
+
+
+def test_a_copy_whose_sha256_is_not_the_torrents_is_never_placed(fleet_factory, tmp_path):
+    """Every piece is right, but the SHA-256 the torrent records for the file is not (a
+    forged or broken torrent): the peer's end-to-end check fails the deploy, and nothing
+    reaches the destination.  The check runs on the pieces as they came (digest.py); the
+    seed is an honest libtorrent session with the real data."""
+    size = 4 * MiB
+    fleet = fleet_factory(1).start()
+    src = tmp_path / "src"
+    src.mkdir()
+    want = random_file(src / "api-9.bin", size)
+    made = torrent.make_torrent(src / "api-9.bin", [f"{fleet.tracker_url}/announce"])
+    decoded = lt.bdecode(made.data)
+    assert decoded[b"info"][b"sha256"] == bytes.fromhex(want)
+    decoded[b"info"][b"sha256"] = hashlib.sha256(b"something else").digest()
+    forged = tmp_path / "api-9.bin.torrent"
+    forged.write_bytes(lt.bencode(decoded))
+    info_hash = torrent.load(forged).info_hash
+    # The tracker learns of it as of any published deploy (its torrents_dir).
+    part = fleet.publish_dir / "api-9.bin.torrent.part"
+    part.write_bytes(forged.read_bytes())
+    os.replace(part, fleet.publish_dir / "api-9.bin.torrent")
+    wait_for(
+        lambda: any(d["info_hash"] == info_hash for d in tracker_stats(fleet)["deploys"]),
+        30,
+        what="the tracker to know the forged deploy",
+    )
+    seed = CorruptSeed(forged, src)  # seeding the right bytes
+    try:
+        drop = fleet.peer_drop(0)
+        (drop / "api-9.bin.torrent.part").write_bytes(forged.read_bytes())
+        os.replace(drop / "api-9.bin.torrent.part", drop / "api-9.bin.torrent")
+        state = wait_state(fleet, 0, "api-9.bin", ("failed", "seeding", "done"), 60)
+    finally:
+        seed.close()
+    assert state["state"] == "failed", state
+    assert state["error"].startswith("sha256 mismatch for api-9.bin: expected "), state
+    assert state["error"].endswith(f"got {want}"), state  # the real file's
+    assert not (fleet.peer_destination(0) / "api-9.bin").exists()
+    assert "verified by" not in fleet.peers[0].log_text()
