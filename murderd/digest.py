@@ -21,7 +21,7 @@ from concurrent.futures import Executor
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD_BYTES = 8 << 20  # pieces asked of libtorrent beyond the next one to feed (memory)
+READ_AHEAD_BYTES = 2 << 20  # read back ahead of the hashing (at least one piece): memory
 
 
 class Digest:
@@ -39,7 +39,8 @@ class Digest:
         self.total = info.num_pieces()
         self.hashers = {path: hashlib.sha256() for path in paths}
         self.pool = pool
-        self.next = 0  # the first piece not fed yet
+        self.next = 0  # the first piece not taken for hashing yet
+        self.fed = 0  # pieces hashed (0 .. fed - 1)
         self.asked: set[int] = set()  # read_piece asked, no answer yet
         self.got: dict[int, bytes] = {}  # read, waiting for the pieces before it
         self.ahead = max(1, READ_AHEAD_BYTES // max(1, info.piece_length()))
@@ -49,7 +50,7 @@ class Digest:
 
     @property
     def done(self) -> bool:
-        return not self.failed and self.next >= self.total
+        return not self.failed and self.fed >= self.total
 
     def pump(self) -> None:
         """Ask libtorrent for the pieces it has from the next one to feed on (a few)."""
@@ -66,7 +67,7 @@ class Digest:
 
     def read(self, piece: int, data: bytes, error: str = "") -> None:
         """libtorrent's answer to read_piece (a read_piece_alert)."""
-        if piece not in self.asked:
+        if piece not in self.asked or piece < self.next:
             return  # not ours (someone else asked), or from before a failure
         self.asked.discard(piece)
         if error:
@@ -90,14 +91,15 @@ class Digest:
             first, run = self.next, []
             while first + len(run) in self.got:
                 run.append(self.got.pop(first + len(run)))
+            self.next = first + len(run)  # taken: pump() asks from here on
+            self.pump()
             try:
                 await loop.run_in_executor(self.pool, self._update, first, run)
             except Exception as exc:  # a piece that does not map onto the files
                 self.fail(f"piece {first}: {exc!r}")
                 return
-            self.next = first + len(run)
+            self.fed = self.next
             self.progress.set()
-            self.pump()
 
     def _update(self, first: int, run: list[bytes]) -> None:
         """Hash pieces first, first + 1 ... (in a worker thread)."""
@@ -116,7 +118,7 @@ class Digest:
         (or no piece was read back for stall seconds)."""
         while not self.failed:
             self.progress.clear()
-            if self.next >= self.total:
+            if self.fed >= self.total:
                 return {path: h.hexdigest() for path, h in self.hashers.items()}
             self.pump()
             feeding = self.feeding is not None and not self.feeding.done()

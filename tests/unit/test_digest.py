@@ -46,6 +46,7 @@ class Swarm:
         self.src = src
         self.pool = ThreadPoolExecutor(2)
         self.digest = None
+        self.reads: dict[int, int] = {}  # piece -> read_piece answers seen
 
     def start(self) -> digest.Digest:
         paths = [f.path for f in self.parsed.files]
@@ -62,6 +63,7 @@ class Swarm:
             if isinstance(alert, lt.piece_finished_alert):
                 self.digest.pump()
             elif isinstance(alert, lt.read_piece_alert):
+                self.reads[alert.piece] = self.reads.get(alert.piece, 0) + 1
                 failed = alert.error.message() if alert.error.value() else ""
                 self.digest.read(alert.piece, alert.buffer, failed)
 
@@ -120,12 +122,15 @@ def test_files_hashed_as_the_pieces_come_out_of_order(tmp_path, fmt):
         for p in order[total // 2 :]:
             swarm.handle.add_piece(p, swarm.piece(p), 0)
         await swarm.until(lambda: all(swarm.handle.have_piece(p) for p in order), 20, "all")
-        return await swarm.finish()
+        return await swarm.finish(), digest_
 
     try:
-        sums = asyncio.run(main())
+        sums, digest_ = asyncio.run(main())
     finally:
         swarm.close()
+    # Each piece read back once, and nothing kept once hashed (memory: a 2 GiB deploy).
+    assert swarm.reads == {p: 1 for p in range(total)}
+    assert not digest_.got and not digest_.asked and digest_.fed == total
     want = {f"app/{rel[4:]}": hashlib.sha256(data).hexdigest() for rel, data in contents.items()}
     assert sums == want
     # The torrent records the same: what the peer compares them with.
