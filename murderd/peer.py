@@ -815,6 +815,10 @@ class PeerService(SwarmService):
                         self._start_complete(deploy)
                     if deploy.top_band:
                         self._unstagger(deploy, status.pieces)
+                    if deploy.digest is not None:
+                        # piece_finished_alert can come before have_piece() says so
+                        # (libtorrent 2.0): the pieces it missed are asked for here.
+                        deploy.digest.pump()
                     self._account_peers(deploy)
                 except Exception:
                     log.exception("deploy %s: cannot read its status", deploy.name)

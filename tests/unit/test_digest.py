@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from murderd import digest, torrent
+from murderd.localfleet import wait_for
 from murderd.lt import lan_settings, lt
 
 PIECE = 16384
@@ -43,6 +44,9 @@ class Swarm:
         params.ti = self.parsed.info
         params.save_path = str(tmp_path / "staging")
         self.handle = self.session.add_torrent(params)
+        # add_piece() before the torrent is ready (its files checked) is dropped silently.
+        downloading = lt.torrent_status.states.downloading
+        wait_for(lambda: self.handle.status().state == downloading, 10, what="the torrent ready")
         self.src = src
         self.pool = ThreadPoolExecutor(2)
         self.digest = None
@@ -69,10 +73,18 @@ class Swarm:
 
     async def until(self, condition, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
+        tick = time.monotonic()
         while not condition():
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what} (digest: next "
+                    f"{self.digest.next}, failed {self.digest.failed!r}, asked "
+                    f"{sorted(self.digest.asked)}, read {self.reads})"
+                )
             self.dispatch()
+            if time.monotonic() - tick >= 0.5:  # the peer's tick loop pumps too (1 s)
+                tick = time.monotonic()
+                self.digest.pump()
             await asyncio.sleep(0.005)
 
     async def alerts(self, stop: asyncio.Event) -> None:
