@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -44,6 +45,33 @@ def fetch_index(fleet, query: str = "", timeout: float = 10) -> dict:
     url = f"{fleet.seeder_url}/index.json{query}"
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.load(resp)
+
+
+def seeder_metric(fleet, name: str) -> float:
+    """One value of the seeder's /metrics (-1.0 when it has none)."""
+    with urllib.request.urlopen(f"{fleet.seeder_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else -1.0
+
+
+def wait_followers(fleet, count: int) -> None:
+    wait_for(
+        lambda: seeder_metric(fleet, "murderd_seeder_followers") >= count,
+        30,
+        what=f"{count} peers to follow the seeder",
+    )
+
+
+def write_tree(root: Path, sizes: dict) -> dict:
+    """Files of random bytes under root: {relpath: size} -> {relpath: bytes}."""
+    out = {}
+    for rel, size in sizes.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out[rel] = os.urandom(size)
+        path.write_bytes(out[rel])
+    return out
 
 
 def state_of(fleet, peer: int, name: str) -> dict | None:

@@ -6,26 +6,10 @@ import concurrent.futures
 import os
 import re
 import signal
-import urllib.request
 
-from deploykit import MiB, fetch_index, random_file, wait_placed
+from deploykit import MiB, fetch_index, random_file, seeder_metric, wait_followers, wait_placed
 
 from murderd.localfleet import wait_for
-
-
-def seeder_metric(fleet, name: str) -> float:
-    with urllib.request.urlopen(f"{fleet.seeder_url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    found = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else -1.0
-
-
-def wait_followers(fleet, count: int) -> None:
-    wait_for(
-        lambda: seeder_metric(fleet, "murderd_seeder_followers") >= count,
-        30,
-        what=f"{count} peers to follow the seeder",
-    )
 
 
 def test_each_following_peer_gets_its_own_slice(fleet_factory, tmp_path):

@@ -22,8 +22,10 @@ from deploykit import (
     MiB,
     fetch_index,
     random_file,
+    seeder_metric,
     set_peer_key,
     state_of,
+    wait_followers,
     wait_placed,
     wait_state,
 )
@@ -35,21 +37,6 @@ OVER_HTTP = "slice over HTTP from "
 OVER_BT = "slice over BitTorrent: the seeder (127.0.0.1) shares this peer's address"
 CANNOT = "cannot fetch the slice over HTTP ("
 PLACED = ("seeding", "done")
-
-
-def seeder_metric(fleet, name: str) -> float:
-    with urllib.request.urlopen(f"{fleet.seeder_url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    found = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else -1.0
-
-
-def wait_followers(fleet, count: int) -> None:
-    wait_for(
-        lambda: seeder_metric(fleet, "murderd_seeder_followers") >= count,
-        30,
-        what=f"{count} peers to follow the seeder",
-    )
 
 
 def http_get(url: str) -> tuple[int, bytes]:
@@ -95,9 +82,13 @@ def test_peers_with_their_own_addresses_take_their_slices_over_http(fleet_factor
         f"from peers {[round(b / size, 3) for b in from_peers]}"
     )
     print(report)
-    # Every piece left the seeder over HTTP, about once; hardly anything over BitTorrent.
+    # Every piece left the seeder over HTTP, about once.  Over BitTorrent the seeder is let
+    # in only for the tail, once every piece is out (index.json "out"): on loopback, with
+    # no caps, the peers then take part of what they still lack from it (0-0.55 x seen),
+    # never a copy each as they would without slices.
     assert size <= served < 1.3 * size, report
-    assert 0 <= over_bt < 0.1 * size, report
+    assert 0 <= over_bt < size, report
+    assert "deploy web-5.0.bin: every piece is out" in fleet.seeder.log_text()
     # The peers count what came over HTTP as from the seeder: about one copy in all (how it
     # is shared out depends on the seeder's rebalancing); the rest came from each other.
     assert size <= sum(from_seeder) < 1.3 * size, report

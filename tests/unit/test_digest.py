@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from deploykit import write_tree
 
 from murderd import digest, torrent
 from murderd.localfleet import wait_for
@@ -20,16 +20,6 @@ from murderd.lt import lan_settings, lt
 PIECE = 16384
 # v1 pieces span files; hybrid and v2 torrents pad each file to a piece boundary.
 APP = {"app/a.bin": 40000, "app/b.bin": 1, "app/c.bin": 70000, "app/sub/d.bin": 2 * PIECE + 500}
-
-
-def _tree(root, sizes: dict) -> dict:
-    out = {}
-    for rel, size in sizes.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out[rel] = os.urandom(size)
-        path.write_bytes(out[rel])
-    return out
 
 
 class Swarm:
@@ -115,7 +105,7 @@ def test_files_hashed_as_the_pieces_come_out_of_order(tmp_path, fmt):
     if fmt == "hybrid" and lt.__version__.startswith("2.0"):
         pytest.skip("libtorrent 2.0: add_piece() does not complete a hybrid torrent's pieces")
     src = tmp_path / "src"
-    contents = _tree(src, APP)
+    contents = write_tree(src, APP)
     made = torrent.make_torrent(src / "app", [], piece_size=PIECE, fmt=fmt)
     swarm = Swarm(tmp_path, src, made)
     total = swarm.parsed.info.num_pieces()
@@ -152,7 +142,7 @@ def test_files_hashed_as_the_pieces_come_out_of_order(tmp_path, fmt):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_read_error_gives_up_so_the_files_are_hashed_instead(tmp_path):
     src = tmp_path / "src"
-    _tree(src, {"web.bin": 6 * PIECE + 7})
+    write_tree(src, {"web.bin": 6 * PIECE + 7})
     made = torrent.make_torrent(src / "web.bin", [], piece_size=PIECE)
     swarm = Swarm(tmp_path, src, made)
 
@@ -182,7 +172,7 @@ def test_a_read_error_gives_up_so_the_files_are_hashed_instead(tmp_path):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_piece_not_in_at_the_end_is_a_failure_not_a_hang(tmp_path):
     src = tmp_path / "src"
-    _tree(src, {"web.bin": 4 * PIECE})
+    write_tree(src, {"web.bin": 4 * PIECE})
     made = torrent.make_torrent(src / "web.bin", [], piece_size=PIECE)
     swarm = Swarm(tmp_path, src, made)
 

@@ -14,6 +14,7 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
+from deploykit import write_tree
 
 from murderd import piecehttp, slices, torrent
 from murderd.localfleet import free_port, wait_for
@@ -116,17 +117,6 @@ def test_lan_settings_connect_out_from_the_listen_addresses():
 # --- read_piece -------------------------------------------------------------------------
 
 
-def _tree(root, sizes: dict) -> dict:
-    """Files of random bytes under root: {relpath: size} -> {relpath: bytes}."""
-    out = {}
-    for rel, size in sizes.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out[rel] = os.urandom(size)
-        path.write_bytes(out[rel])
-    return out
-
-
 def _layout(info, root) -> bytes:
     """The torrent's byte stream as the files on disk give it (pad files as zeros)."""
     files = info.files()
@@ -148,7 +138,7 @@ APP = {"app/a.bin": 40000, "app/b.bin": 1, "app/c.bin": 70000, "app/sub/d.bin": 
 @pytest.mark.parametrize("fmt", torrent.FORMATS)
 def test_read_piece_of_a_multi_file_torrent(tmp_path, fmt):
     src = tmp_path / "src"
-    contents = _tree(src, APP)
+    contents = write_tree(src, APP)
     made = torrent.make_torrent(src / "app", [], piece_size=PIECE, fmt=fmt)
     info = torrent.parse(made.data).info
     stream = _layout(info, src)
@@ -172,7 +162,7 @@ def test_read_piece_of_a_multi_file_torrent(tmp_path, fmt):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_read_piece_of_a_single_file_torrent(tmp_path):
-    data = _tree(tmp_path, {"web-1.0.bin": 5 * PIECE + 123})["web-1.0.bin"]
+    data = write_tree(tmp_path, {"web-1.0.bin": 5 * PIECE + 123})["web-1.0.bin"]
     made = torrent.make_torrent(tmp_path / "web-1.0.bin", [], piece_size=PIECE)
     info = torrent.parse(made.data).info
     got = [piecehttp.read_piece(info, str(tmp_path), i) for i in range(info.num_pieces())]
@@ -182,7 +172,7 @@ def test_read_piece_of_a_single_file_torrent(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_read_piece_of_a_file_cut_short_is_an_error(tmp_path):
-    _tree(tmp_path, {"web-1.0.bin": 3 * PIECE})
+    write_tree(tmp_path, {"web-1.0.bin": 3 * PIECE})
     made = torrent.make_torrent(tmp_path / "web-1.0.bin", [], piece_size=PIECE)
     info = torrent.parse(made.data).info
     os.truncate(tmp_path / "web-1.0.bin", 2 * PIECE + 10)
@@ -281,7 +271,7 @@ def test_priorities_with_the_seeder_kept_away():
 
 def test_gate_fetching_never_releases(tmp_path):
     """Over HTTP the seeder is away: the gate never releases held pieces to take from it."""
-    _tree(tmp_path / "src", {"f.bin": 12 * PIECE})
+    write_tree(tmp_path / "src", {"f.bin": 12 * PIECE})
     made = torrent.make_torrent(tmp_path / "src" / "f.bin", [], piece_size=PIECE)
     session = lt.session({"listen_interfaces": "127.0.0.1:0", "enable_dht": False})
     params = lt.add_torrent_params()
