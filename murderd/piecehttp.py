@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from . import follow
 from .lt import bound_addresses
 
 log = logging.getLogger(__name__)
@@ -209,15 +210,7 @@ class Fetch:
     ) -> bytes:
         url = f"{self.url}{piece}?peer={ident}"
         want = self.size(piece)
-        async with client.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            if resp.status != 200:
-                raise ValueError(f"{url} answered HTTP {resp.status}")
-            data = bytearray()
-            while len(data) <= want:
-                chunk = await resp.content.read(want + 1 - len(data))
-                if not chunk:
-                    break
-                data += chunk
+        data = await follow.fetch(client, url, timeout, want)  # ValueError past want bytes
         if len(data) != want:
             raise ValueError(f"{url}: {len(data)} bytes, not the piece's {want}")
-        return bytes(data)
+        return data

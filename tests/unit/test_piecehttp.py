@@ -492,7 +492,7 @@ def test_fetch_fetches_again_a_piece_that_libtorrent_did_not_take():
     [
         ("503", "answered HTTP 503"),
         ("short", f"{PIECE - 1} bytes, not the piece's {PIECE}"),
-        ("long", f"{PIECE + 1} bytes, not the piece's {PIECE}"),
+        ("long", f"over the cap of {PIECE}"),
         ("refused", ""),
     ],
 )
