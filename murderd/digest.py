@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 from concurrent.futures import Executor
-
-log = logging.getLogger(__name__)
 
 READ_AHEAD_BYTES = 2 << 20  # read back ahead of the hashing (at least one piece): memory
 
@@ -47,10 +44,6 @@ class Digest:
         self.failed = ""  # why it gave up (the staged files are hashed instead)
         self.feeding: asyncio.Task | None = None
         self.progress = asyncio.Event()  # set when a piece is read or fed, or it fails
-
-    @property
-    def done(self) -> bool:
-        return not self.failed and self.fed >= self.total
 
     def pump(self) -> None:
         """Ask libtorrent for the pieces it has from the next one to feed on (a few)."""

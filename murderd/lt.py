@@ -375,3 +375,11 @@ def staggered_priorities(num_pieces: int, offset: int, levels: int = 2) -> list[
 def prioritize_pieces(handle, priorities: list[int]) -> None:
     """Set every piece's priority (1..7; 0 would mean "do not download")."""
     handle.prioritize_pieces(priorities)
+
+
+DEFAULT_PRIORITY = 4  # libtorrent's own for every piece
+
+
+def default_priorities(handle, count: int) -> None:
+    """Every one of count pieces back to libtorrent's default: any piece from anyone."""
+    handle.prioritize_pieces([DEFAULT_PRIORITY] * count)

@@ -36,6 +36,7 @@ from . import (
     torrent,
 )
 from .lt import (
+    default_priorities,
     lt,
     prioritize_pieces,
     staggered_priorities,
@@ -486,14 +487,11 @@ class PeerService(SwarmService):
         round: any piece from anyone, the seeder included (let back in over BitTorrent, and
         found again through the tracker at once).  Pieces on their way over HTTP still come.
         """
-        gate, deploy.gate = deploy.gate, None
-        if gate.fetch is not None:
-            gate.fetch.drain()
         kept_away = deploy.seeder_address is not None
-        self._unblock_seeder(deploy)
+        self._ungate(deploy, drain=True)
         handle = deploy.handle
         if handle is not None and handle.is_valid():
-            handle.prioritize_pieces([4] * deploy.torrent.info.num_pieces())  # the default
+            default_priorities(handle, deploy.torrent.info.num_pieces())
             if kept_away:
                 handle.force_reannounce(0, -1, lt.reannounce_flags_t.ignore_min_interval)
         log.info(
@@ -506,12 +504,16 @@ class PeerService(SwarmService):
             deploy.digest.close()
             deploy.digest = None
 
-    def _ungate(self, deploy: PeerDeploy) -> None:
-        """The deploy no longer gates: any piece from anyone (and no more fetching)."""
-        deploy.gate = None
-        task, deploy.fetch_task = deploy.fetch_task, None
-        if task is not None:
-            task.cancel()
+    def _ungate(self, deploy: PeerDeploy, drain: bool = False) -> None:
+        """The deploy no longer gates: any piece from anyone, and no more fetching (drain:
+        what was asked for over HTTP still comes, piecehttp.Fetch.drain)."""
+        gate, deploy.gate = deploy.gate, None
+        if drain and gate is not None and gate.fetch is not None:
+            gate.fetch.drain()
+        else:
+            task, deploy.fetch_task = deploy.fetch_task, None
+            if task is not None:
+                task.cancel()
         self._unblock_seeder(deploy)
 
     def _unblock_seeder(self, deploy: PeerDeploy) -> None:
@@ -609,7 +611,7 @@ class PeerService(SwarmService):
             deploy.fetch_task = None
             self._ungate(deploy)
             if handle.is_valid():
-                handle.prioritize_pieces([4] * info.num_pieces())  # libtorrent's default
+                default_priorities(handle, info.num_pieces())
 
     def _stagger(self, deploy: PeerDeploy) -> None:
         """Among equally rare pieces, prefer the half of the file after a random offset.
@@ -630,7 +632,7 @@ class PeerService(SwarmService):
     def _unstagger(self, deploy: PeerDeploy, pieces) -> None:
         if all(pieces[i] for i in deploy.top_band):
             deploy.top_band = []
-            prioritize_pieces(deploy.handle, [4] * len(pieces))
+            default_priorities(deploy.handle, len(pieces))
 
     def _by_handle(self, handle) -> PeerDeploy | None:
         try:
