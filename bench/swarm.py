@@ -218,7 +218,7 @@ def run_murderd(
         started = time.time()
         os.replace(staged, drop_dir / name)
         deadline = time.monotonic() + _timeout(result, 8)
-        timeline = Timeline(bed, peers, started) if timeline_every else None
+        timeline = Timeline(bed, peers, started, timeline_every) if timeline_every else None
         placed = {i: None for i in range(peers)}
         published = {"torrent": None}
         pending = set(range(peers))

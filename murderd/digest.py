@@ -8,14 +8,19 @@ host of its own.  So the peer feeds each piece to its file's hasher as soon as l
 has it (hashed against the torrent and accepted) and every piece before it is fed: the
 piece is read back through libtorrent (read_piece: the bytes as stored, from its cache or
 the file), a few pieces ahead, and hashed in a worker thread, in file order.  At the end
-only the pieces not fed yet are read.  A read error, or pieces that do not map onto the
-torrent's files, and the peer hashes the staged files instead, as it did before.
+(every piece in and written) the rest is read from the staged files, from the first piece
+not fed yet on: piece by piece through libtorrent, the last pieces in (rarest first leaves
+some early pieces to the end: 70-95 of 256 pieces were left) took 0.2-0.3 s of a 6.5 s
+deploy (bench/, N=8); read straight from the files, a few milliseconds.  A read error, or
+pieces that do not map onto the torrent's files, and the peer hashes the staged files
+instead, as it did before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from concurrent.futures import Executor
 
 READ_AHEAD_BYTES = 2 << 20  # read back ahead of the hashing (at least one piece): memory
@@ -106,23 +111,60 @@ class Digest:
                     self.hashers[path].update(view[at : at + part.size])
                 at += part.size
 
-    async def finish(self, stall: float) -> dict[str, str] | None:
-        """Feed what is left (every piece is in): {path: sha256 hex}, or None if it failed
-        (or no piece was read back for stall seconds)."""
-        while not self.failed:
-            self.progress.clear()
-            if self.fed >= self.total:
-                return {path: h.hexdigest() for path, h in self.hashers.items()}
-            self.pump()
-            feeding = self.feeding is not None and not self.feeding.done()
-            if not (self.asked or self.got or feeding):
-                self.fail(f"piece {self.next} is not in")
-                break
+    async def finish(self, stall: float, root: str) -> dict[str, str] | None:
+        """Hash what is left (every piece is in, and written to the files under root):
+        {path: sha256 hex}, or None if it failed (or a feed under way took stall seconds)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + stall
+        # A feed under way ends first (and one a read answer starts meanwhile, in turn).
+        while self.feeding is not None and not self.feeding.done() and not self.failed:
             try:
-                await asyncio.wait_for(self.progress.wait(), stall)
+                await asyncio.wait_for(asyncio.shield(self.feeding), deadline - loop.time())
             except asyncio.TimeoutError:
-                self.fail(f"no piece read back for {stall:g} s")
-        return None
+                self.fail(f"hashing the pieces read back took over {stall:g} s")
+            except asyncio.CancelledError:
+                if self.feeding.cancelled():
+                    break  # close(): failed already
+                raise
+        if self.failed:
+            return None
+        first = self.next
+        handle = self.handle
+        lacking = next((p for p in range(first, self.total) if not handle.have_piece(p)), None)
+        if lacking is not None:
+            self.fail(f"piece {lacking} is not in")
+            return None
+        self.next = self.total  # read answers still to come are dropped (read())
+        self.got.clear()
+        self.asked.clear()
+        try:
+            await loop.run_in_executor(self.pool, self._rest, first, root)
+        except (OSError, ValueError) as exc:
+            self.fail(f"reading the staged files from piece {first}: {exc}")
+            return None
+        self.fed = self.total
+        return {path: h.hexdigest() for path, h in self.hashers.items()}
+
+    def _rest(self, first: int, root: str) -> None:
+        """Hash the files under root from piece first on (in a worker thread)."""
+        if first >= self.total:
+            return
+        start = self.info.map_block(first, 0, 1)[0]
+        files = self.files
+        for index in range(start.file_index, files.num_files()):
+            if files.file_flags(index) & files.flag_pad_file:
+                continue
+            path = files.file_path(index)
+            offset = start.offset if index == start.file_index else 0
+            left = files.file_size(index) - offset
+            with open(os.path.join(root, path), "rb") as f:
+                f.seek(offset)
+                while left > 0:
+                    chunk = f.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise ValueError(f"{path} is shorter than the torrent says")
+                    self.hashers[path].update(chunk)
+                    left -= len(chunk)
 
     def close(self) -> None:
         """The deploy is gone or restarted: stop (a feed under way ends by itself)."""

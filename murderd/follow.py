@@ -37,19 +37,24 @@ async def fetch(client: aiohttp.ClientSession, url: str, timeout: float, cap: in
     async with client.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
         if resp.status != 200:
             raise ValueError(f"{url} answered HTTP {resp.status}")
-        if resp.content_length and resp.content_length > cap:
-            raise ValueError(f"{url} is {resp.content_length} bytes, over the cap of {cap}")
-        # content.read(n) returns what has arrived so far (up to n), not the whole body:
-        # on a real network a .torrent comes in several segments.
-        data = bytearray()
-        while len(data) <= cap:
-            chunk = await resp.content.read(cap + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
-        if len(data) > cap:
-            raise ValueError(f"{url} is over the cap of {cap} bytes")
-        return bytes(data)
+        return await read_capped(resp, url, cap)
+
+
+async def read_capped(resp: aiohttp.ClientResponse, url: str, cap: int) -> bytes:
+    """resp's body; ValueError when it is over cap bytes."""
+    if resp.content_length and resp.content_length > cap:
+        raise ValueError(f"{url} is {resp.content_length} bytes, over the cap of {cap}")
+    # content.read(n) returns what has arrived so far (up to n), not the whole body:
+    # on a real network a .torrent comes in several segments.
+    data = bytearray()
+    while len(data) <= cap:
+        chunk = await resp.content.read(cap + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    if len(data) > cap:
+        raise ValueError(f"{url} is over the cap of {cap} bytes")
+    return bytes(data)
 
 
 def with_query(url: str, params: dict) -> str:

@@ -50,7 +50,7 @@ SEEDER_FINGERPRINT = b"-MS"
 RETRY_ERROR_SECONDS = 10
 RETRY_MIN_FREE = 4 * 1024 * 1024  # a full staging filesystem counts as freed above this
 STATE_WRITE_SECONDS = 2.0
-DIGEST_STALL_SECONDS = 30.0  # verifying: no piece read back for this long, hash the files
+DIGEST_STALL_SECONDS = 30.0  # verifying: a piece's hashing under way this long, hash the files
 FREE_SPACE_MARGIN = 16 * 1024 * 1024
 FAMILY = re.compile(r"^(.+?)[-_]v?[0-9]")
 
@@ -589,6 +589,7 @@ class PeerService(SwarmService):
             have=lambda p: handle.is_valid() and handle.have_piece(p),
             add=add,
             size=info.piece_size,
+            count=info.num_pieces(),
         )
         gate.fetching(fetch)
         log.info(
@@ -926,7 +927,7 @@ class PeerService(SwarmService):
         files = deploy.torrent.files
         sums, hashed = None, "while downloading"
         if deploy.digest is not None:
-            sums = await deploy.digest.finish(DIGEST_STALL_SECONDS)
+            sums = await deploy.digest.finish(DIGEST_STALL_SECONDS, str(staging))
             if sums is None:
                 log.warning(
                     "deploy %s: hashing while downloading failed (%s): hashing the staged files",

@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 # peer's share of the seeder's link allows, and is passed on to the other peers sooner
 # (bench/, N=8, medians of 3: 6.87 and 6.82 s against 7.16 and 7.29 s with 2).
 CONCURRENCY = 1
+NEXT = "next"  # GET <pieces>/next?peer=<id>: the seeder deals the follower its next piece
+PIECE_HEADER = "X-Murderd-Piece"  # ...and says which one it is
 FAIL_SECONDS = 2.0  # no piece fetched for this long while some fail: back to BitTorrent
 RETRY_FIRST = 0.1  # seconds before the first retry of a failed fetch (then doubled)
 REFETCH_SECONDS = 5.0  # a piece handed to libtorrent and still not had: fetch it again
@@ -122,6 +125,13 @@ async def resolve(url: str) -> str | None:
 class Fetch:
     """One deploy's slice fetched from the seeder: run() until the gate no longer wants it.
 
+    The seeder deals each piece when asked (GET <pieces>/next, slices.Dealer.take): this
+    follower's own pieces first, then pieces of the slices with the most left, so that every
+    follower keeps fetching until no piece is left and the seeder's link stays full to the
+    end.  A seeder that answers next with 404 (an older one) gets asked for the own pieces
+    by index instead.  A piece handed to libtorrent and still not had after REFETCH_SECONDS
+    is fetched again by index.
+
     missing(): the own pieces not had yet, in the order to fetch them (the gate's list).
     have(p): has libtorrent got piece p (hashed and written)?
     add(p, data): hand a fetched piece to libtorrent.
@@ -134,8 +144,10 @@ class Fetch:
         have: Callable[[int], bool],
         add: Callable[[int, bytes], None],
         size: Callable[[int], int],
+        count: int,
     ):
         self.url = url.rstrip("/") + "/"
+        self.count = count  # the torrent's pieces
         self.missing = missing
         self.have = have
         self.add = add
@@ -148,13 +160,32 @@ class Fetch:
         self.failed = ""  # why it gave up ("" while it works or once done)
         self.draining = False  # no new pieces: the ones on their way still come (drain())
         self.last_ok = time.monotonic()
+        self.taking = True  # the seeder deals pieces (NEXT); False: own pieces by index
+        self.dealt_all = False  # the seeder has no piece left to deal
+        self.taken: deque[tuple[float, int]] = deque()  # (when added, piece), oldest first
 
-    def _next(self, now: float) -> int | None:
+    def _next(self, now: float) -> int | str | None:
+        """A piece to fetch by index, NEXT to be dealt one, or None (nothing now)."""
+        if self.taking:
+            return self._refetch(now) or (None if self.dealt_all else NEXT)
         for p in self.missing() or ():
             if p in self.flight or now - self.added_at.get(p, -REFETCH_SECONDS) < REFETCH_SECONDS:
                 continue
             if not self.have(p):
                 return p
+        return None
+
+    def _refetch(self, now: float) -> int | None:
+        """The oldest dealt piece libtorrent still lacks REFETCH_SECONDS after it got it."""
+        while self.taken:
+            added, piece = self.taken[0]
+            if self.have(piece):
+                self.taken.popleft()
+            elif now - added >= REFETCH_SECONDS:
+                self.taken.popleft()
+                return piece
+            else:
+                return None
         return None
 
     def drain(self) -> None:
@@ -186,24 +217,62 @@ class Fetch:
                     pass
                 self.last_ok = max(self.last_ok, time.monotonic() - IDLE_WAIT)
                 continue
-            self.flight.add(piece)
+            asked = piece
+            self.flight.add(asked)
             try:
-                data = await self._get(client, piece, ident, timeout)
+                if asked == NEXT:
+                    piece, data = await self._take(client, ident, timeout)
+                    if piece is None:
+                        continue
+                else:
+                    data = await self._get(client, asked, ident, timeout)
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
                 if time.monotonic() - self.last_ok >= FAIL_SECONDS:
-                    self.failed = f"piece {piece}: {exc or type(exc).__name__}"
+                    self.failed = f"piece {asked}: {exc or type(exc).__name__}"
                     return
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, FAIL_SECONDS)
                 continue
             finally:
-                self.flight.discard(piece)
+                self.flight.discard(asked)
             backoff = RETRY_FIRST
             self.last_ok = time.monotonic()
             self.bytes += len(data)
             self.pieces += 1
             self.added_at[piece] = self.last_ok
+            if self.taking:
+                self.taken.append((self.last_ok, piece))
             self.add(piece, data)
+
+    async def _take(
+        self, client: aiohttp.ClientSession, ident: str, timeout: float
+    ) -> tuple[int | None, bytes]:
+        """The piece the seeder deals: (index, data); (None, b"") when none is dealt."""
+        url = f"{self.url}{NEXT}?peer={ident}"
+        async with client.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            if response.status == 204:
+                self.dealt_all = True
+                return None, b""
+            if response.status == 404:
+                log.info("%s: the seeder does not deal pieces: own pieces by index", url)
+                self.taking = False
+                return None, b""
+            response.raise_for_status()
+            raw = response.headers.get(PIECE_HEADER)
+            if raw is None:  # (a proxy in between that drops it?)
+                log.warning("%s: no %s in the answer: own pieces by index", url, PIECE_HEADER)
+                self.taking = False
+                return None, b""
+            if not (raw.isascii() and raw.isdigit()):
+                raise ValueError(f"{url}: no piece index in the answer ({PIECE_HEADER})")
+            piece = int(raw)
+            if piece >= self.count:
+                raise ValueError(f"{url}: piece {piece} of a torrent of {self.count}")
+            want = self.size(piece)
+            data = await follow.read_capped(response, url, want)
+        if len(data) != want:
+            raise ValueError(f"{url}: {len(data)} bytes, not piece {piece}'s {want}")
+        return piece, data
 
     async def _get(
         self, client: aiohttp.ClientSession, piece: int, ident: str, timeout: float

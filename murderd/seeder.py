@@ -388,7 +388,11 @@ class SeederService(SwarmService):
 
     def _all_out(self, deploy: Deploy) -> None:
         """Every piece has left once: the followers hear it (index.json "out") at once."""
-        log.info("deploy %s: every piece is out (%d slice moves)", deploy.name, deploy.dealer.moves)
+        dealer = deploy.dealer
+        log.info(
+            "deploy %s: every piece is out (%d slice moves, %d pieces taken from other slices)",
+            deploy.name, dealer.moves, dealer.steals,
+        )  # fmt: skip
         self._wake_index_waiters()
 
     def _seed(self, deploy: Deploy, parsed: torrent.Torrent) -> None:
@@ -603,9 +607,19 @@ class SeederService(SwarmService):
         deploy = next((d for d in self.deploys.values() if d.info_hash == info_hash), None)
         if deploy is None or deploy.info is None:
             raise web.HTTPNotFound(text="no such deploy\n")
-        if not (raw.isascii() and raw.isdigit()) or int(raw) >= deploy.info.num_pieces():
+        dealer = deploy.dealer
+        if raw == piecehttp.NEXT:
+            # The follower's next piece, dealt now (slices.Dealer.take); none left: 204.
+            follower = slices.follower_id(request.query.get("peer"))
+            index = dealer.take(follower) if dealer is not None and follower else None
+            if index is None:
+                return web.Response(status=204)
+            if dealer.done:
+                self._all_out(deploy)
+        elif not (raw.isascii() and raw.isdigit()) or int(raw) >= deploy.info.num_pieces():
             raise web.HTTPNotFound(text="no such piece\n")
-        index = int(raw)
+        else:
+            index = int(raw)
         try:
             data = await asyncio.get_running_loop().run_in_executor(
                 None, piecehttp.read_piece, deploy.info, str(self.drop_dir), index
@@ -613,12 +627,16 @@ class SeederService(SwarmService):
         except OSError as exc:
             log.error("deploy %s: cannot read piece %d: %s", deploy.name, index, exc)
             raise web.HTTPServiceUnavailable(text="cannot read the piece\n") from None
-        if deploy.dealer is not None and not deploy.dealer.done:
-            deploy.dealer.sent(index)
-            if deploy.dealer.done:
+        if dealer is not None and not dealer.done:
+            dealer.sent(index)
+            if dealer.done:
                 self._all_out(deploy)
         self.pieces_served.inc(len(data))
-        return web.Response(body=data, content_type="application/octet-stream")
+        return web.Response(
+            body=data,
+            content_type="application/octet-stream",
+            headers={piecehttp.PIECE_HEADER: str(index)},
+        )
 
 
 def main() -> None:

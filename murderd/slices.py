@@ -43,6 +43,7 @@ from __future__ import annotations
 import bisect
 import logging
 import re
+from collections import deque
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ REBALANCE_COST = 10  # ...and at least this many times as long as the last look 
 REBALANCE_FOR = 600.0  # seconds after publication the seeder stops looking (peers gone)
 # Above this many slices the seeder does not rebalance (each look reads every peer's bitfield).
 REBALANCE_MAX_SLICES = RELEASE_MAX_SLICES
+STEAL_MAX_SLICES = 256  # ...nor lets a follower take from others' slices (a scan of them all)
 # A follower is hungry when its pieces nobody has yet would take less than this at its recent
 # rate: most are then asked of the seeder already (a peer's queue to the seeder holds whole
 # pieces), and once all are, libtorrent fills that queue with pieces other peers have, which
@@ -175,6 +177,12 @@ class Dealer:
         self.owner = [p % self.count for p in range(total)] if self.count else []
         self.total = total
         self.pending = list(range(total))  # the pieces no peer has (yet), in order
+        self.is_pending = bytearray(b"\x01") * total
+        # Each follower's pieces in the order take() hands them out; entries that moved or
+        # went out meanwhile are skipped when they come up.
+        self.queues = [deque(range(i, total, self.count)) for i in range(self.count)]
+        self.takers: set[int] = set()  # followers that take their pieces (take())
+        self.steals = 0
         self.versions = [0] * self.count  # bumped when a follower's part changes
         self.moves = 0
         self.before: list[int] | None = None  # each follower's remaining at the last look
@@ -206,6 +214,9 @@ class Dealer:
         if len(bitfield) != self.total or not self.pending:
             return
         if any(bitfield[p] for p in self.pending):
+            for p in self.pending:
+                if bitfield[p]:
+                    self.is_pending[p] = 0
             self.pending = [p for p in self.pending if not bitfield[p]]
             self._out()
 
@@ -214,7 +225,42 @@ class Dealer:
         at = bisect.bisect_left(self.pending, piece)
         if at < len(self.pending) and self.pending[at] == piece:
             del self.pending[at]
+            self.is_pending[piece] = 0
             self._out()
+
+    def take(self, follower: str) -> int | None:
+        """The next piece for follower to fetch over HTTP (it is out from now on), or None.
+
+        Its own pieces first, in order; once they are all out, the last piece of the slice
+        with the most left (a steal: the follower that finishes first keeps the seeder's
+        link busy, and the slices end together).  A follower that never takes (BitTorrent
+        only) hears of the steal through its part's version; a taker needs not.
+        """
+        index = self.members.get(follower)
+        if index is None or not self.pending:
+            return None
+        self.takers.add(index)
+        queue = self.queues[index]
+        while queue:
+            p = queue.popleft()
+            if self.is_pending[p] and self.owner[p] == index:
+                self.sent(p)
+                return p
+        if self.count > STEAL_MAX_SLICES:
+            return None
+        for _ in range(self.count):
+            victim = max(range(self.count), key=lambda i: len(self.queues[i]))
+            queue = self.queues[victim]
+            while queue:
+                p = queue.pop()
+                if self.is_pending[p] and self.owner[p] == victim:
+                    self.owner[p] = index
+                    self.steals += 1
+                    if victim not in self.takers:
+                        self.versions[victim] += 1
+                    self.sent(p)
+                    return p
+        return None
 
     def _out(self) -> None:
         """Every piece is out: every follower's part changes (Part.out), so each hears."""
@@ -250,6 +296,7 @@ class Dealer:
             remaining[hungry] += moving
             for p in moving:
                 self.owner[p] = hungry
+            self.queues[hungry].extend(moving)
             self.moves += 1
             changed.update((hungry, slowest))
         for i in changed:

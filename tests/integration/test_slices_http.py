@@ -30,7 +30,7 @@ from deploykit import (
     wait_state,
 )
 
-from murderd import torrent
+from murderd import piecehttp, torrent
 from murderd.localfleet import wait_for
 
 OVER_HTTP = "slice over HTTP from "
@@ -39,9 +39,12 @@ CANNOT = "cannot fetch the slice over HTTP ("
 PLACED = ("seeding", "done")
 
 
-def http_get(url: str) -> tuple[int, bytes]:
+def http_get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
+    """(status, body) of GET url; headers, if given, gets the answer's headers."""
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
+            if headers is not None:
+                headers.update(resp.headers)
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -72,6 +75,7 @@ def test_peers_with_their_own_addresses_take_their_slices_over_http(fleet_factor
         assert f"deploy web-5.0.bin: {OVER_HTTP}{pieces_url} (its BitTorrent" in text, peer
         assert "shares this peer's address" not in text
         assert CANNOT not in text
+        assert "own pieces by index" not in text  # the seeder dealt every piece (GET next)
     served = seeder_metric(fleet, "murderd_seeder_piece_http_bytes_total")
     over_bt = seeder_metric(fleet, "murderd_seeder_uploaded_bytes_total")
     from_seeder = [s["bytes_from_seeder"] for s in states]
@@ -150,7 +154,7 @@ def test_the_pieces_endpoint(fleet_factory, tmp_path, slices_http):
     last = parsed.num_pieces - 1
     if not slices_http:
         assert "slice" in ghost and "pieces" not in ghost
-        for index in (0, last):
+        for index in (0, last, "next"):
             assert http_get(f"{base}{index}?peer=ghost0")[0] == 404
         assert seeder_metric(fleet, "murderd_seeder_piece_http_bytes_total") == 0
         return
@@ -163,6 +167,18 @@ def test_the_pieces_endpoint(fleet_factory, tmp_path, slices_http):
         assert body == data[start : start + parsed.piece_size], f"piece {index}"
     assert len(body) == size - last * parsed.piece_size  # the last piece is short
     served = parsed.piece_size * 2 + len(body)
+    assert seeder_metric(fleet, "murderd_seeder_piece_http_bytes_total") == served
+    # GET next deals a follower the first piece of its slice not out yet (0 and 1 are).
+    index, count = ghost["slice"]
+    for want_piece in [p for p in range(2, last) if p % count == index][:2]:
+        headers = {}
+        status, body = http_get(f"{base}next?peer=ghost0", headers)
+        assert status == 200 and headers[piecehttp.PIECE_HEADER] == str(want_piece)
+        start = want_piece * parsed.piece_size
+        assert body == data[start : start + parsed.piece_size], f"piece {want_piece}"
+        served += len(body)
+    for nobody in ("?peer=nobody", "?peer=", ""):  # no slice: nothing dealt
+        assert http_get(f"{base}next{nobody}") == (204, b"")
     assert seeder_metric(fleet, "murderd_seeder_piece_http_bytes_total") == served
     for bad in (
         f"{fleet.seeder_url}/pieces/{'0' * 40}/0",  # unknown deploy
@@ -244,9 +260,11 @@ class SlowFront:
                         front.busy += 1
                     time.sleep(front.PIECE_DELAY)
                 status, body = 502, b"the seeder did not answer\n"
+                index = None  # which piece the seeder dealt (GET next)
                 try:
                     with urllib.request.urlopen(front.target + self.path, timeout=30) as resp:
                         status, body = resp.status, resp.read()
+                        index = resp.headers.get(piecehttp.PIECE_HEADER)
                 except urllib.error.HTTPError as exc:
                     status, body = exc.code, exc.read()
                 except OSError:
@@ -259,6 +277,8 @@ class SlowFront:
                             front.busy -= 1
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
+                if index is not None:
+                    self.send_header(piecehttp.PIECE_HEADER, index)
                 self.end_headers()
                 self.wfile.write(body)
 

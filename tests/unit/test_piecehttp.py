@@ -308,7 +308,9 @@ class PieceServer:
         self.data = data
         self.piece = piece
         self.delay = delay
-        self.mode = "ok"  # ok, 503, short, long
+        self.mode = "ok"  # ok, 503, short, long, bad-index
+        self.deal: list[int] | None = None  # what GET next deals, in order (None: 404)
+        self.nexts = 0  # GET next asked
         self.requests: list[int] = []  # pieces asked for, in the order asked
         self.peers: set[str] = set()
         self.in_flight = 0
@@ -317,7 +319,16 @@ class PieceServer:
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
-        index = int(request.match_info["index"])
+        raw = request.match_info["index"]
+        if raw == piecehttp.NEXT:
+            if self.deal is None:  # an older seeder: "next" is no piece
+                raise web.HTTPNotFound(text="no such piece\n")
+            self.nexts += 1
+            if not self.deal:
+                return web.Response(status=204)
+            index = self.deal.pop(0)
+        else:
+            index = int(raw)
         self.requests.append(index)
         self.peers.add(request.query.get("peer", ""))
         self.in_flight += 1
@@ -331,7 +342,10 @@ class PieceServer:
                 body = body[:-1]
             elif self.mode == "long":
                 body += b"x"
-            return web.Response(body=body)
+            headers = {piecehttp.PIECE_HEADER: str(index) if self.mode != "bad-index" else "７"}
+            if self.mode == "no-index":  # (a proxy that drops it)
+                headers = {}
+            return web.Response(body=body, headers=headers)
         finally:
             self.in_flight -= 1
 
@@ -389,7 +403,12 @@ async def wait_until(condition, timeout: float, what: str):
 
 def _fetch(server: PieceServer, lt_: Libtorrent) -> piecehttp.Fetch:
     return piecehttp.Fetch(
-        server.url, missing=lt_.missing, have=lt_.have, add=lt_.add, size=lt_.size
+        server.url,
+        missing=lt_.missing,
+        have=lt_.have,
+        add=lt_.add,
+        size=lt_.size,
+        count=lt_.total,
     )
 
 
@@ -553,3 +572,110 @@ def test_fetch_with_nothing_to_fetch_does_not_fail():
     server, fetch, done = asyncio.run(main())
     assert not done, "an idle fetch ended"
     assert fetch.failed == "" and server.requests == [4]
+
+
+def test_fetch_takes_the_pieces_the_seeder_deals_until_none_is_left():
+    """A seeder that deals (GET next): each piece as it says (PIECE_HEADER), in its order,
+    own slice or not; 204 (none left) and the fetch waits, asking no more."""
+    data = os.urandom(SIZE)
+
+    async def main():
+        async with PieceServer(data, PIECE) as server:
+            server.deal = [3, 0, 9, 6]  # 9: another slice's piece, the short last one
+            target = Libtorrent(PIECES, [0, 3, 6], PIECE, SIZE)
+            fetch = _fetch(server, target)
+            async with aiohttp.ClientSession() as client:
+                task = asyncio.ensure_future(fetch.run(client, "me-1", 10))
+                try:
+                    await wait_until(lambda: fetch.dealt_all, 20, "the seeder out of pieces")
+                    await asyncio.sleep(3 * piecehttp.IDLE_WAIT)  # idle: asks nothing more
+                    assert not task.done()
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            return server, target, fetch
+
+    server, target, fetch = asyncio.run(main())
+    assert server.requests == [3, 0, 9, 6] and server.nexts == 5
+    assert [p for p, _ in target.added] == [3, 0, 9, 6]
+    for p, got in target.added:
+        assert got == data[p * PIECE : (p + 1) * PIECE], f"piece {p}"
+    assert fetch.taking and fetch.failed == "" and fetch.pieces == 4
+    assert server.peers == {"me-1"}
+
+
+@pytest.mark.parametrize("mode", ["old", "no-index"])
+def test_fetch_from_a_seeder_that_does_not_deal_takes_the_own_pieces_by_index(mode):
+    """An older seeder (next: 404), or a dealt piece without its index (a proxy dropped the
+    header): the own pieces by index from then on."""
+    data = os.urandom(SIZE)
+
+    async def main():
+        async with PieceServer(data, PIECE) as server:
+            if mode == "no-index":
+                server.mode = mode
+                server.deal = [7]  # lost to this peer: it comes over BitTorrent after "out"
+            target = Libtorrent(PIECES, [5, 2], PIECE, SIZE)
+            fetch = _fetch(server, target)
+            async with aiohttp.ClientSession() as client:
+                task = asyncio.ensure_future(fetch.run(client, "me-1", 10))
+                try:
+                    await wait_until(lambda: target.had == {2, 5}, 20, "the own pieces")
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            return server, fetch
+
+    server, fetch = asyncio.run(main())
+    assert server.requests == ([7] if mode == "no-index" else []) + [5, 2]
+    assert not fetch.taking
+
+
+def test_fetch_fetches_again_by_index_a_dealt_piece_libtorrent_did_not_take():
+    data = os.urandom(SIZE)
+
+    async def main():
+        async with PieceServer(data, PIECE) as server:
+            server.deal = [4, 1]
+            target = Libtorrent(PIECES, [], PIECE, SIZE)
+            target.drop_first = {4}
+            fetch = _fetch(server, target)
+            async with aiohttp.ClientSession() as client:
+                task = asyncio.ensure_future(fetch.run(client, "me-1", 10))
+                try:
+                    await wait_until(
+                        lambda: {1, 4} <= target.had, piecehttp.REFETCH_SECONDS + 10, "piece 4"
+                    )
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            return server
+
+    server = asyncio.run(main())
+    assert server.requests == [4, 1, 4]
+
+
+@pytest.mark.parametrize(
+    "mode, deal, reason",
+    [
+        ("bad-index", [2], "no piece index in the answer"),
+        ("ok", [PIECES], f"piece {PIECES} of a torrent of {PIECES}"),
+        ("short", [2], f"{PIECE - 1} bytes, not piece 2's {PIECE}"),
+    ],
+)
+def test_a_dealt_piece_that_is_not_one_is_refused(mode, deal, reason):
+    data = os.urandom(SIZE + PIECE)  # room for a piece past the torrent's last
+
+    async def main():
+        async with PieceServer(data, PIECE) as server:
+            server.mode = mode
+            server.deal = deal * 100  # the seeder deals it again and again
+            target = Libtorrent(PIECES, [], PIECE, SIZE)
+            fetch = _fetch(server, target)
+            async with aiohttp.ClientSession() as client:
+                await asyncio.wait_for(fetch.run(client, "me-1", 10), piecehttp.FAIL_SECONDS + 10)
+            return target, fetch
+
+    target, fetch = asyncio.run(main())
+    assert fetch.failed.startswith("piece next: ") and reason in fetch.failed, fetch.failed
+    assert target.added == []

@@ -136,6 +136,57 @@ def test_dealer_leaves_slices_that_will_be_done_soon_alone_and_ends_when_all_is_
     assert dealer.done and dealer.left == 0
 
 
+def test_take_deals_the_own_pieces_in_order_then_the_back_of_the_biggest_slice():
+    dealer = _dealer(3, 12)  # slices: 0 3 6 9 | 1 4 7 10 | 2 5 8 11
+    assert [dealer.take("f0") for _ in range(4)] == [0, 3, 6, 9]
+    assert dealer.take("f1") == 1
+    # f0's own slice is all out: it takes from the back of the slice with most left (f2's,
+    # 4 left, against f1's 3), then of the first of the two with 3 left each.
+    assert [dealer.take("f0"), dealer.take("f0")] == [11, 10]
+    assert dealer.steals == 2 and dealer.owner[11] == dealer.owner[10] == 0
+    assert [dealer.take("f1"), dealer.take("f1")] == [4, 7]
+    assert [dealer.take("f2") for _ in range(3)] == [2, 5, 8]
+    assert dealer.done and dealer.left == 0
+    assert dealer.take("f0") is None and dealer.take("f2") is None
+
+
+def test_take_counts_out_what_a_peer_has_and_skips_moved_pieces():
+    dealer = _dealer(2, 8)  # 0 2 4 6 | 1 3 5 7
+    _had(dealer, [0, 2])  # another peer has them (BitTorrent): not dealt again
+    assert dealer.take("f0") == 4
+    dealer.sent(6)  # served by index (an older peer)
+    assert dealer.take("nobody") is None  # not following: deals nothing
+    assert dealer.take("f0") == 7  # f0's own are out: the back of f1's slice
+    assert dealer.owner[7] == 0
+    assert [dealer.take("f1") for _ in range(4)] == [1, 3, 5, None]
+    assert dealer.done
+
+
+def test_a_steal_from_a_follower_that_does_not_take_bumps_its_version():
+    """A follower on BitTorrent only (no take()) must hear that a piece left its slice; one
+    that takes its pieces needs no news (the seeder hands it what it owns)."""
+    dealer = _dealer(3, 9)  # 0 3 6 | 1 4 7 | 2 5 8
+    assert [dealer.take("f0") for _ in range(3)] == [0, 3, 6]
+    dealer.take("f1")  # f1 takes; f2 never does
+    before = [dealer.version(f) for f in ("f0", "f1", "f2")]
+    assert dealer.take("f0") == 8  # f2 has most left (3)
+    assert dealer.version("f2") == before[2] + 1
+    assert dealer.part("f2").dropped == (8,) and dealer.part("f0").added == (8,)
+    # Next, f1's slice and f2's have 2 left each: the first, f1's, a taker: no news.
+    assert dealer.take("f0") == 7
+    assert [dealer.version(f) for f in ("f0", "f1", "f2")] == [before[0], before[1], before[2] + 1]
+
+
+def test_take_gets_the_pieces_a_rebalance_moved_here():
+    dealer = _dealer(2, 8)  # 0 2 4 6 | 1 3 5 7
+    dealer.rebalance(0.0)
+    _had(dealer, [0, 2, 4, 6, 1])  # slice 0 out; slice 1: 3 left at 1 piece/s
+    assert dealer.rebalance(1.0) == {0, 1}
+    moved = dealer.part("f0").added
+    assert moved and set(moved) <= {3, 5, 7}
+    assert [dealer.take("f0") for _ in moved] == list(moved)
+
+
 def test_dealer_takes_a_ghosts_slice_apart():
     """A follower that never fetches anything: the others end up owning all of its slice."""
     dealer = _dealer(3, 30)
