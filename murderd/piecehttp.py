@@ -16,6 +16,13 @@ trackers are exempt) while it fetches.  What the seeder sends a follower is then
 slice, once; the other pieces come from the other peers.  The seeder's Dealer counts a
 piece out once it is served.
 
+Which piece comes next the seeder says (GET <pieces>/next?peer=<id>, the index in the
+answer's PIECE_HEADER; slices.Dealer.take): the follower's own pieces in order, and once
+they are all out, the last piece of the slice with the most left.  Asked by index, the
+slices ended unevenly: the last 0.5 s before "out" the seeder sent the last pieces of one
+or two slices, each at its owner's share of its download link (1/8 at N=8), and its link
+was mostly idle (bench/, --timeline).
+
 Once every piece has left the seeder (the Dealer's "out", heard through the index.json long
 poll) its link is free while the peers still pass the last pieces round: each follower
 lets the seeder back in over BitTorrent for the tail (peer.py, _all_out), and what it asked

@@ -24,6 +24,10 @@ for yet.  bench/ N=8, medians of 3: 8.27 and 8.43 s without; 7.66 with; 7.18 and
 request_queue_time 0 as well (7.84 and 7.55 with 1, interleaved; 0 since reverted, lt.py).  The
 seeder's upload went from 1.40 to about 1.2 x F.
 
+A follower that takes its slice over HTTP (piecehttp.py) asks the seeder for its next
+piece instead (Dealer.take): its own first, then, once they are out, the last piece of the
+slice with the most left, so that the slices end together.
+
 The last pieces are taken by the peers that are done with their own slices (and got
 nothing more): RELEASE_SECONDS after its own slice is complete a peer no longer holds
 pieces back (bench, N=8, medians of 3 runs, interleaved: never
