@@ -609,9 +609,13 @@ class SeederService(SwarmService):
             raise web.HTTPNotFound(text="no such deploy\n")
         dealer = deploy.dealer
         if raw == piecehttp.NEXT:
-            # The follower's next piece, dealt now (slices.Dealer.take); none left: 204.
+            # The follower's next piece, dealt now (slices.Dealer.take); none left: 204.  No
+            # slice for it (not following at publication, or dealt before a restart): 404,
+            # and it asks for its own pieces by index.
             follower = slices.follower_id(request.query.get("peer"))
-            index = dealer.take(follower) if dealer is not None and follower else None
+            if dealer is None or follower not in dealer.members:
+                raise web.HTTPNotFound(text="no slice dealt to this follower\n")
+            index = dealer.take(follower)
             if index is None:
                 return web.Response(status=204)
             if dealer.done:

@@ -177,8 +177,23 @@ def test_the_pieces_endpoint(fleet_factory, tmp_path, slices_http):
         start = want_piece * parsed.piece_size
         assert body == data[start : start + parsed.piece_size], f"piece {want_piece}"
         served += len(body)
-    for nobody in ("?peer=nobody", "?peer=", ""):  # no slice: nothing dealt
-        assert http_get(f"{base}next{nobody}") == (204, b"")
+    for nobody in ("?peer=nobody", "?peer=", "", "?peer=%00"):  # no slice: no dealing
+        assert http_get(f"{base}next{nobody}")[0] == 404
+    # Then ghost1's pieces, from the back of its slice, until none is left (204): every
+    # piece not out yet is dealt once.
+    dealt = []
+    for _ in range(parsed.num_pieces + 1):
+        headers = {}
+        status, body = http_get(f"{base}next?peer=ghost0", headers)
+        if status == 204:
+            break
+        dealt.append(int(headers[piecehttp.PIECE_HEADER]))
+        served += len(body)
+    assert status == 204 and body == b""
+    out = {0, 1, last} | set([p for p in range(2, last) if p % count == index][:2])
+    assert sorted(dealt + sorted(out)) == list(range(parsed.num_pieces)), dealt
+    theirs = [p for p in dealt if p % count != index]
+    assert theirs == sorted(theirs, reverse=True)  # from the back
     assert seeder_metric(fleet, "murderd_seeder_piece_http_bytes_total") == served
     for bad in (
         f"{fleet.seeder_url}/pieces/{'0' * 40}/0",  # unknown deploy
