@@ -50,9 +50,16 @@ class Digest:
         self.feeding: asyncio.Task | None = None
         self.progress = asyncio.Event()  # set when a piece is read or fed, or it fails
 
-    def pump(self) -> None:
-        """Ask libtorrent for the pieces it has from the next one to feed on (a few)."""
+    def pump(self, finished: int | None = None) -> None:
+        """Ask libtorrent for the pieces it has from the next one to feed on (a few).
+
+        finished: the piece that just came in (a piece_finished_alert); one past the few
+        to read next changes nothing, and asking libtorrent which pieces it has waits on its
+        network thread: most pieces come out of order.
+        """
         handle = self.handle
+        if finished is not None and not self.next <= finished < self.next + self.ahead:
+            return
         if self.failed or not handle.is_valid():
             return
         for piece in range(self.next, min(self.total, self.next + self.ahead)):

@@ -162,6 +162,7 @@ class PeerService(SwarmService):
         self.destination_dir = Path(c["destination_dir"])
         self.state_dir = Path(c["state_dir"])
         self.deploys: dict[str, PeerDeploy] = {}
+        self.by_handle: dict = {}  # libtorrent torrent_handle -> its deploy
         self.pending_resume = 0
         self.resume_done = asyncio.Event()
         self.follower = follow.Follower(
@@ -433,6 +434,7 @@ class PeerService(SwarmService):
             # A literal address is blocked before libtorrent can connect to the seeder.
             address = self._slice_address(deploy, piecehttp.literal(deploy.pieces_url))
         deploy.handle = self.session.add_torrent(params)
+        self.by_handle[deploy.handle] = deploy
         self._close_digest(deploy)
         paths = [f.path for f in deploy.torrent.files]
         deploy.digest = digest.Digest(deploy.handle, deploy.torrent.info, paths, self.pool)
@@ -534,10 +536,11 @@ class PeerService(SwarmService):
         if handle is None or not handle.is_valid() or deploy.state == "stalled":
             gate.pause(now)
             return
-        status = handle.status(0)
+        status = handle.status(lt.torrent_handle.query_pieces if gate.missing else 0)
+        payload = status.total_payload_download + deploy.http_bytes
         if status.is_seeding:
             self._ungate(deploy)
-        elif not gate.update(handle, status.total_payload_download + deploy.http_bytes, now):
+        elif not gate.update(handle, payload, now, status.pieces if gate.missing else None):
             self._ungate(deploy)
             if gate.ended == "stalled":
                 log.info(
@@ -636,6 +639,11 @@ class PeerService(SwarmService):
             default_priorities(deploy.handle, len(pieces))
 
     def _by_handle(self, handle) -> PeerDeploy | None:
+        # A torrent_handle's methods wait on libtorrent's network thread (0.3-0.5 ms each
+        # while it is busy): the deploys added here are found without asking it.
+        deploy = self.by_handle.get(handle)
+        if deploy is not None and deploy.handle is not None:
+            return deploy
         try:
             info_hash = str(handle.info_hashes().v1) if handle.is_valid() else None
         except RuntimeError:
@@ -658,7 +666,7 @@ class PeerService(SwarmService):
         deploy = self._by_handle(handle) if handle is not None else None
         if isinstance(alert, lt.piece_finished_alert):
             if deploy is not None and deploy.digest is not None:
-                deploy.digest.pump()
+                deploy.digest.pump(alert.piece_index)
         elif isinstance(alert, lt.read_piece_alert):
             if deploy is not None and deploy.digest is not None:
                 failed = alert.error.message() if alert.error.value() else ""
@@ -1100,8 +1108,10 @@ class PeerService(SwarmService):
         deploy.linger_timer = deploy.retry_timer = None
         self._ungate(deploy)
         self._close_digest(deploy)
-        if deploy.handle is not None and deploy.handle.is_valid():
-            self.session.remove_torrent(deploy.handle)
+        if deploy.handle is not None:
+            self.by_handle.pop(deploy.handle, None)
+            if deploy.handle.is_valid():
+                self.session.remove_torrent(deploy.handle)
         deploy.handle = None
         if delete_staging:
             publish.remove_placed(self._staging(deploy))

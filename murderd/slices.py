@@ -371,8 +371,12 @@ class Gate:
         """Not downloading now (stalled, checking): the stall clock starts over later."""
         self.progress_at = now
 
-    def update(self, handle, payload: int, now: float) -> bool:
-        """Set the priorities; False when the gate is off (self.ended says why)."""
+    def update(self, handle, payload: int, now: float, pieces=None) -> bool:
+        """Set the priorities; False when the gate is off (self.ended says why).
+
+        pieces: which pieces the peer has (libtorrent's status().pieces), when the caller
+        has them: one call into libtorrent's thread instead of one per missing own piece.
+        """
         if payload != self.payload:
             self.payload = payload
             self.progress_at = now
@@ -383,7 +387,10 @@ class Gate:
             self.total = len(availability)
             self._own()
         if self.missing:
-            self.missing = [p for p in self.missing if not handle.have_piece(p)]
+            if pieces is not None and len(pieces) == self.total:
+                self.missing = [p for p in self.missing if not pieces[p]]
+            else:
+                self.missing = [p for p in self.missing if not handle.have_piece(p)]
         if not self.missing and self.own_done_at is None:
             self.own_done_at = now
         if now - self.progress_at >= STALL_SECONDS:

@@ -238,6 +238,22 @@ def test_gate_holds_other_slices_then_lifts_on_a_stall(tmp_path):
     del session
 
 
+def test_gate_takes_what_the_peer_has_from_the_pieces_it_is_given(tmp_path):
+    """The peer passes libtorrent's status().pieces: the own pieces had drop out of the
+    missing list from it (not asked of libtorrent one by one); without it, they are."""
+    session, handle = _torrent_handle(tmp_path, 12)
+    wait_ready(handle)
+    gate = slices.Gate(slices.Part(1, 4), now=100.0)
+    assert gate.update(handle, 0, 100.0, [False] * 12)
+    assert gate.missing == [1, 5, 9]
+    had = [p == 5 for p in range(12)]  # piece 5 in, as libtorrent's status says
+    assert gate.update(handle, 0, 100.0, had)
+    assert gate.missing == [1, 9]
+    assert gate.update(handle, 0, 100.0, [True] * 3)  # not this torrent's: asked instead
+    assert gate.missing == [1, 9]  # (libtorrent has none of them)
+    del session
+
+
 def test_an_empty_slice_takes_everything_from_peers(tmp_path):
     """More followers than pieces: slice 20 of 30 owns nothing, asks the seeder for nothing,
     and never releases (only a stall lifts its gate)."""
