@@ -50,6 +50,7 @@ $(LT20_VENV)/.stamp: setup.cfg pyproject.toml
 test-lt20: $(LT20_VENV)/.stamp system-deps
 	$(LT20_VENV)/bin/python -c 'import sys, libtorrent; print("python", sys.version.split()[0], "libtorrent", libtorrent.__version__); assert libtorrent.__version__.startswith("2.0")'
 	$(LT20_VENV)/bin/python -m pytest -q tests/unit tests/integration/test_deploy.py tests/integration/test_seeder_slices.py \
+	  tests/integration/test_slices_http.py \
 	  tests/integration/test_runtime.py \
 	  tests/faults/test_disk_faults.py
 

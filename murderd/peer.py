@@ -50,6 +50,7 @@ SEEDER_FINGERPRINT = b"-MS"
 RETRY_ERROR_SECONDS = 10
 RETRY_MIN_FREE = 4 * 1024 * 1024  # a full staging filesystem counts as freed above this
 STATE_WRITE_SECONDS = 2.0
+CHECK_WAIT_SECONDS = 30.0  # a slice over HTTP waits this long at most for the files' check
 DIGEST_STALL_SECONDS = 30.0  # verifying: a piece's hashing under way this long, hash the files
 FREE_SPACE_MARGIN = 16 * 1024 * 1024
 FAMILY = re.compile(r"^(.+?)[-_]v?[0-9]")
@@ -118,6 +119,7 @@ class PeerDeploy:
         self.http_bytes = 0  # payload of the slice fetched over HTTP (from the seeder)
         self.seeder_address: str | None = None  # blocked for BitTorrent while it fetches
         self.digest: digest.Digest | None = None  # its SHA-256, taken as pieces come
+        self.checked: asyncio.Event | None = None  # set once libtorrent checked its files
 
     def record(self) -> dict:
         return {key: getattr(self, key) for key in self.FIELDS}
@@ -433,6 +435,7 @@ class PeerService(SwarmService):
         if deploy.gate is not None and deploy.pieces_url and deploy.fetch_task is None:
             # A literal address is blocked before libtorrent can connect to the seeder.
             address = self._slice_address(deploy, piecehttp.literal(deploy.pieces_url))
+        deploy.checked = asyncio.Event()
         deploy.handle = self.session.add_torrent(params)
         self.by_handle[deploy.handle] = deploy
         self._close_digest(deploy)
@@ -595,6 +598,16 @@ class PeerService(SwarmService):
             count=info.num_pieces(),
         )
         gate.fetching(fetch)
+        # libtorrent drops a piece added before it has checked the files (the fetch would
+        # take it again only REFETCH_SECONDS later).
+        try:
+            await asyncio.wait_for(deploy.checked.wait(), CHECK_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            log.warning(
+                "deploy %s: files not checked after %g s: fetching the slice anyway",
+                deploy.name,
+                CHECK_WAIT_SECONDS,
+            )
         log.info(
             "deploy %s: slice over HTTP from %s (its BitTorrent connections kept away meanwhile)",
             deploy.name,
@@ -676,6 +689,8 @@ class PeerService(SwarmService):
             if waiter is not None and not waiter.done():
                 waiter.set_result(True)
         elif isinstance(alert, (lt.torrent_finished_alert, lt.torrent_checked_alert)):
+            if deploy is not None and deploy.checked is not None:
+                deploy.checked.set()
             finishing = deploy and deploy.state in ("downloading", "stalled")
             if finishing and not deploy.stall_placing and handle.status().is_seeding:
                 self._start_complete(deploy)

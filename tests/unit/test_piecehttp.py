@@ -278,7 +278,9 @@ def test_gate_fetching_never_releases(tmp_path):
     params.ti = torrent.parse(made.data).info
     params.save_path = str(tmp_path / "staging")
     handle = session.add_torrent(params)
-    wait_for(lambda: len(handle.piece_availability()) > 0, 10, what="the torrent to be ready")
+    # add_piece() before the torrent is ready (its files checked) is dropped silently.
+    downloading = lt.torrent_status.states.downloading
+    wait_for(lambda: handle.status().state == downloading, 10, what="the torrent to be ready")
     gate = slices.Gate(slices.Part(1, 4), now=0.0)
     assert gate.update(handle, 0, 0.0)
     assert gate.may_release  # over BitTorrent it would, once its own slice is in
