@@ -50,7 +50,7 @@ SEEDER_FINGERPRINT = b"-MS"
 RETRY_ERROR_SECONDS = 10
 RETRY_MIN_FREE = 4 * 1024 * 1024  # a full staging filesystem counts as freed above this
 STATE_WRITE_SECONDS = 2.0
-CHECK_WAIT_SECONDS = 30.0  # a slice over HTTP waits this long at most for the files' check
+CHECK_WAIT_SECONDS = 30.0  # a piece over HTTP waits this long at most for the files' check
 DIGEST_STALL_SECONDS = 30.0  # verifying: a piece's hashing under way this long, hash the files
 FREE_SPACE_MARGIN = 16 * 1024 * 1024
 FAMILY = re.compile(r"^(.+?)[-_]v?[0-9]")
@@ -584,8 +584,25 @@ class PeerService(SwarmService):
         handle = deploy.handle
         info = deploy.torrent.info
 
+        checked = deploy.checked
+
         def add(piece: int, data: bytes) -> None:
             deploy.http_bytes += len(data)
+            if checked.is_set():
+                if handle.is_valid():
+                    handle.add_piece(piece, data, 0)
+            else:
+                self.spawn(add_once_checked(piece, data))
+
+        async def add_once_checked(piece: int, data: bytes) -> None:
+            # libtorrent drops a piece added before it has checked the files (the fetch
+            # would take it again only REFETCH_SECONDS later).
+            try:
+                await asyncio.wait_for(checked.wait(), CHECK_WAIT_SECONDS)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "deploy %s: files not checked after %g s", deploy.name, CHECK_WAIT_SECONDS
+                )
             if handle.is_valid():
                 handle.add_piece(piece, data, 0)
 
@@ -598,16 +615,6 @@ class PeerService(SwarmService):
             count=info.num_pieces(),
         )
         gate.fetching(fetch)
-        # libtorrent drops a piece added before it has checked the files (the fetch would
-        # take it again only REFETCH_SECONDS later).
-        try:
-            await asyncio.wait_for(deploy.checked.wait(), CHECK_WAIT_SECONDS)
-        except asyncio.TimeoutError:
-            log.warning(
-                "deploy %s: files not checked after %g s: fetching the slice anyway",
-                deploy.name,
-                CHECK_WAIT_SECONDS,
-            )
         log.info(
             "deploy %s: slice over HTTP from %s (its BitTorrent connections kept away meanwhile)",
             deploy.name,
