@@ -137,7 +137,10 @@ class Digest:
             return None
         first = self.next
         handle = self.handle
-        lacking = next((p for p in range(first, self.total) if not handle.have_piece(p)), None)
+        pieces = handle.status(handle.query_pieces).pieces  # one call, not one per piece
+        if len(pieces) != self.total:
+            pieces = [handle.have_piece(p) for p in range(self.total)]
+        lacking = next((p for p in range(first, self.total) if not pieces[p]), None)
         if lacking is not None:
             self.fail(f"piece {lacking} is not in")
             return None

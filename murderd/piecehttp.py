@@ -174,7 +174,10 @@ class Fetch:
     def _next(self, now: float) -> int | str | None:
         """A piece to fetch by index, NEXT to be dealt one, or None (nothing now)."""
         if self.taking:
-            return self._refetch(now) or (None if self.dealt_all else NEXT)
+            again = self._refetch(now)
+            if again is not None:
+                return again
+            return None if self.dealt_all else NEXT
         for p in self.missing() or ():
             if p in self.flight or now - self.added_at.get(p, -REFETCH_SECONDS) < REFETCH_SECONDS:
                 continue

@@ -633,20 +633,23 @@ def test_fetch_from_a_seeder_that_does_not_deal_takes_the_own_pieces_by_index(mo
     assert not fetch.taking
 
 
-def test_fetch_fetches_again_by_index_a_dealt_piece_libtorrent_did_not_take():
+@pytest.mark.parametrize("dropped", [4, 0])  # (piece 0 is falsy)
+def test_fetch_fetches_again_by_index_a_dealt_piece_libtorrent_did_not_take(dropped):
     data = os.urandom(SIZE)
 
     async def main():
         async with PieceServer(data, PIECE) as server:
-            server.deal = [4, 1]
+            server.deal = [dropped, 1]
             target = Libtorrent(PIECES, [], PIECE, SIZE)
-            target.drop_first = {4}
+            target.drop_first = {dropped}
             fetch = _fetch(server, target)
             async with aiohttp.ClientSession() as client:
                 task = asyncio.ensure_future(fetch.run(client, "me-1", 10))
                 try:
                     await wait_until(
-                        lambda: {1, 4} <= target.had, piecehttp.REFETCH_SECONDS + 10, "piece 4"
+                        lambda: {1, dropped} <= target.had,
+                        piecehttp.REFETCH_SECONDS + 10,
+                        f"piece {dropped}",
                     )
                 finally:
                     task.cancel()
@@ -654,7 +657,7 @@ def test_fetch_fetches_again_by_index_a_dealt_piece_libtorrent_did_not_take():
             return server
 
     server = asyncio.run(main())
-    assert server.requests == [4, 1, 4]
+    assert server.requests == [dropped, 1, dropped]
 
 
 @pytest.mark.parametrize(
