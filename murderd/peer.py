@@ -945,12 +945,19 @@ class PeerService(SwarmService):
         self._account_peers(deploy)
         deploy.progress = 1.0
         self._set_state(deploy, "verifying")
+        began = loop.time()
         await self._flush(deploy)
+        flushed = loop.time()
         staging = self._staging(deploy)
         files = deploy.torrent.files
         sums, hashed = None, "while downloading"
         if deploy.digest is not None:
+            streamed = deploy.digest.next
             sums = await deploy.digest.finish(DIGEST_STALL_SECONDS, str(staging))
+            hashed = (
+                f"while downloading: {streamed} of {deploy.digest.total} pieces, the rest from the "
+                f"files in {loop.time() - flushed:.2f}s; written out in {flushed - began:.2f}s"
+            )
             if sums is None:
                 log.warning(
                     "deploy %s: hashing while downloading failed (%s): hashing the staged files",

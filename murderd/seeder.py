@@ -339,7 +339,12 @@ class SeederService(SwarmService):
         if self.cfg["seeder"]["slices"]:  # before _save_state() answers the followers
             members = self.followers.assign(time.monotonic())
             if members:
-                deploy.dealer = slices.Dealer(members, parsed.info.num_pieces(), time.monotonic())
+                deploy.dealer = slices.Dealer(
+                    members,
+                    parsed.info.num_pieces(),
+                    time.monotonic(),
+                    on_out=lambda: self._all_out(deploy),
+                )
                 log.info("deploy %s: %d slices for the peers following", name, len(members))
         self.deploys[name] = deploy
         self._save_state()
@@ -381,17 +386,21 @@ class SeederService(SwarmService):
                         deploy.name, dealer.moves, dealer.left,
                     )  # fmt: skip
                     self._wake_index_waiters()
-                if dealer.done:
-                    self._all_out(deploy)
             took = time.monotonic() - started
             await asyncio.sleep(max(slices.REBALANCE_EVERY, slices.REBALANCE_COST * took))
 
     def _all_out(self, deploy: Deploy) -> None:
-        """Every piece has left once: the followers hear it (index.json "out") at once."""
+        """Every piece has left once (slices.Dealer.on_out): the followers hear it
+        (index.json "out") at once.  The log says what went over BitTorrent before: the
+        followers that took their slices over HTTP kept it away until now."""
         dealer = deploy.dealer
+        handle = deploy.handle
+        valid = handle is not None and handle.is_valid()
+        over_bt = handle.status().total_payload_upload if valid else 0
         log.info(
-            "deploy %s: every piece is out (%d slice moves, %d pieces taken from other slices)",
-            deploy.name, dealer.moves, dealer.steals,
+            "deploy %s: every piece is out (%d slice moves, %d pieces taken from other slices; "
+            "%d bytes sent over BitTorrent before)",
+            deploy.name, dealer.moves, dealer.steals, over_bt,
         )  # fmt: skip
         self._wake_index_waiters()
 
@@ -615,11 +624,9 @@ class SeederService(SwarmService):
             follower = slices.follower_id(request.query.get("peer"))
             if dealer is None or follower not in dealer.members:
                 raise web.HTTPNotFound(text="no slice dealt to this follower\n")
-            index = dealer.take(follower)
+            index = dealer.take(follower)  # the last one dealt: _all_out()
             if index is None:
                 return web.Response(status=204)
-            if dealer.done:
-                self._all_out(deploy)
         elif not (raw.isascii() and raw.isdigit()) or int(raw) >= deploy.info.num_pieces():
             raise web.HTTPNotFound(text="no such piece\n")
         else:
@@ -631,10 +638,8 @@ class SeederService(SwarmService):
         except OSError as exc:
             log.error("deploy %s: cannot read piece %d: %s", deploy.name, index, exc)
             raise web.HTTPServiceUnavailable(text="cannot read the piece\n") from None
-        if dealer is not None and not dealer.done:
-            dealer.sent(index)
-            if dealer.done:
-                self._all_out(deploy)
+        if dealer is not None:
+            dealer.sent(index)  # asked for by index: out now (the last one: _all_out())
         self.pieces_served.inc(len(data))
         return web.Response(
             body=data,

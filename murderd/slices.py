@@ -48,6 +48,7 @@ import bisect
 import logging
 import re
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,15 @@ class Dealer:
     nobody has, while the owners' TCP shares of it differ (bench/, README).
     """
 
-    def __init__(self, members: dict[str, int], total: int, now: float = 0.0):
+    def __init__(
+        self,
+        members: dict[str, int],
+        total: int,
+        now: float = 0.0,
+        on_out: Callable[[], None] | None = None,
+    ):
         self.members = members  # follower id -> its index
+        self.on_out = on_out  # called once, when every piece is out
         self.dealt_at = now
         self.count = len(members)
         self.owner = [p % self.count for p in range(total)] if self.count else []
@@ -267,9 +275,12 @@ class Dealer:
         return None
 
     def _out(self) -> None:
-        """Every piece is out: every follower's part changes (Part.out), so each hears."""
+        """A piece went out.  The last: every follower's part changes (Part.out), so each
+        hears, and on_out is called (pending never fills again, so this happens once)."""
         if not self.pending:
             self.versions = [v + 1 for v in self.versions]
+            if self.on_out is not None:
+                self.on_out()
 
     def rebalance(self, now: float) -> set[int]:
         """Give hungry followers the back half of the slowest slice's remainder.

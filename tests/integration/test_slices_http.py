@@ -87,18 +87,23 @@ def test_peers_with_their_own_addresses_take_their_slices_over_http(fleet_factor
         f"from peers {[round(b / size, 3) for b in from_peers]}"
     )
     print(report)
-    # Every piece left the seeder over HTTP, about once.  Over BitTorrent the seeder is let
-    # in only for the tail, once every piece is out (index.json "out"): on loopback, with
-    # no caps, the peers then take part of what they still lack from it (0-0.55 x seen),
-    # never a copy each as they would without slices.
+    # Every piece left the seeder over HTTP, about once, and nothing went over BitTorrent
+    # before "out" (index.json): the peers kept the seeder away.  After "out" the seeder's
+    # link is free and the peers take the rest from it as from anyone: on loopback, with no
+    # caps, 0-0.55 x alone and up to 0.98 x on a loaded machine (a lagging peer) - not
+    # bounded here, as the design does not bound it.
     assert size <= served < 1.3 * size, report
-    assert 0 <= over_bt < size, report
-    assert "deploy web-5.0.bin: every piece is out" in fleet.seeder.log_text()
-    # The peers count what came over HTTP as from the seeder: about one copy in all (how it
-    # is shared out depends on the seeder's rebalancing); the rest came from each other.
-    assert size <= sum(from_seeder) < 1.3 * size, report
+    out = re.search(
+        r"deploy web-5\.0\.bin: every piece is out \(.*; (\d+) bytes sent over BitTorrent before\)",
+        fleet.seeder.log_text(),
+    )
+    assert out is not None, fleet.seeder.log_text()[-2000:]
+    assert int(out.group(1)) == 0, report
+    # The peers count what came over HTTP as from the seeder: at least one copy in all; the
+    # rest came from each other (and from the seeder after "out").
+    assert sum(from_seeder) >= size, report
     for peer in range(3):
-        assert 0 < from_seeder[peer] < size, report
+        assert from_seeder[peer] > 0, report  # its slice, over HTTP
         assert from_seeder[peer] + from_peers[peer] >= size, report
 
 

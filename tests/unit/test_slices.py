@@ -150,6 +150,21 @@ def test_take_deals_the_own_pieces_in_order_then_the_back_of_the_biggest_slice()
     assert dealer.take("f0") is None and dealer.take("f2") is None
 
 
+def test_the_dealer_says_once_when_every_piece_is_out_whichever_way_they_went():
+    outs = []
+    dealer = slices.Dealer({"f0": 0, "f1": 1}, 6, on_out=lambda: outs.append(dealer.left))
+    _had(dealer, [0, 1])  # seen in a peer's bitfield
+    dealer.sent(3)  # served by index
+    assert dealer.take("f0") == 2 and dealer.take("f1") == 5
+    assert outs == [] and not dealer.done
+    assert dealer.take("f0") == 4  # the last one: out, once
+    assert outs == [0] and dealer.done
+    dealer.sent(4)
+    _had(dealer, range(6))
+    assert dealer.take("f1") is None
+    assert outs == [0]
+
+
 def test_take_counts_out_what_a_peer_has_and_skips_moved_pieces():
     dealer = _dealer(2, 8)  # 0 2 4 6 | 1 3 5 7
     _had(dealer, [0, 2])  # another peer has them (BitTorrent): not dealt again
