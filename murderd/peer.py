@@ -808,6 +808,10 @@ class PeerService(SwarmService):
             deploy.stall_enospc = deploy.stall_placing = False
             self._start_complete(deploy)  # verifies again, then places
             return
+        # Connections made while it waited (a restarted seeder connecting to it) were set
+        # up for upload mode; twice in full test runs the resumed download then got no data
+        # for 90 s over them.  Pausing drops them: it connects afresh on resume.
+        deploy.handle.pause()
         deploy.handle.clear_error()
         # A failed write (disk full, read-only) puts the torrent in upload mode rather than
         # in error, and only auto-managed torrents ever leave it by themselves.
