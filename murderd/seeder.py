@@ -396,7 +396,7 @@ class SeederService(SwarmService):
         dealer = deploy.dealer
         handle = deploy.handle
         valid = handle is not None and handle.is_valid()
-        over_bt = handle.status().total_payload_upload if valid else 0
+        over_bt = handle.status(0).total_payload_upload if valid else 0  # no piece lists
         log.info(
             "deploy %s: every piece is out (%d slice moves, %d pieces taken from other slices; "
             "%d bytes sent over BitTorrent before)",
@@ -638,7 +638,7 @@ class SeederService(SwarmService):
         except OSError as exc:
             log.error("deploy %s: cannot read piece %d: %s", deploy.name, index, exc)
             raise web.HTTPServiceUnavailable(text="cannot read the piece\n") from None
-        if dealer is not None:
+        if dealer is not None and raw != piecehttp.NEXT:  # take() counted a dealt one out
             dealer.sent(index)  # asked for by index: out now (the last one: _all_out())
         self.pieces_served.inc(len(data))
         return web.Response(
