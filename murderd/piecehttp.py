@@ -17,8 +17,9 @@ slice, once; the other pieces come from the other peers.  The seeder's Dealer co
 piece out once it is served.
 
 Which piece comes next the seeder says (GET <pieces>/next?peer=<id>, the index in the
-answer's PIECE_HEADER; slices.Dealer.take): the follower's own pieces in order, and once
-they are all out, the last piece of the slice with the most left.  Asked by index, the
+answer's PIECE_HEADER; slices.Dealer.take): the first piece nobody has yet (in file order,
+whoever asks first), or once a follower's own pieces are all out, the last piece of the
+slice with the most left.  Asked by index, the
 slices ended unevenly: the last 0.5 s before "out" the seeder sent the last pieces of one
 or two slices, each at its owner's share of its download link (1/8 at N=8), and its link
 was mostly idle (bench/, --timeline).
@@ -132,12 +133,12 @@ async def resolve(url: str) -> str | None:
 class Fetch:
     """One deploy's slice fetched from the seeder: run() until the gate no longer wants it.
 
-    The seeder deals each piece when asked (GET <pieces>/next, slices.Dealer.take): this
-    follower's own pieces first, then pieces of the slices with the most left, so that every
-    follower keeps fetching until no piece is left and the seeder's link stays full to the
-    end.  A seeder that answers next with 404 (an older one) gets asked for the own pieces
-    by index instead.  A piece handed to libtorrent and still not had after REFETCH_SECONDS
-    is fetched again by index.
+    The seeder deals each piece when asked (GET <pieces>/next, slices.Dealer.take): the
+    first piece nobody has yet, whoever asks first, so that every follower keeps fetching
+    until no piece is left and the seeder's link stays full to the end.  A seeder that
+    answers next with 404 (an older one) gets asked for the own pieces by index instead.  A
+    piece handed to libtorrent and still not had after REFETCH_SECONDS is fetched again by
+    index.
 
     missing(): the own pieces not had yet, in the order to fetch them (the gate's list).
     have(p): has libtorrent got piece p (hashed and written)?

@@ -25,8 +25,8 @@ request_queue_time 0 as well (7.84 and 7.55 with 1, interleaved; 0 since reverte
 seeder's upload went from 1.40 to about 1.2 x F.
 
 A follower that takes its slice over HTTP (piecehttp.py) asks the seeder for its next
-piece instead (Dealer.take): its own first, then, once they are out, the last piece of the
-slice with the most left, so that the slices end together.
+piece instead (Dealer.take): the first piece nobody has yet, whoever's slice it was, so that
+the pieces leave the seeder in file order and the slices end together.
 
 The last pieces are taken by the peers that are done with their own slices (and got
 nothing more): RELEASE_SECONDS after its own slice is complete a peer no longer holds
@@ -243,15 +243,26 @@ class Dealer:
     def take(self, follower: str) -> int | None:
         """The next piece for follower to fetch over HTTP (it is out from now on), or None.
 
-        Its own pieces first, in order; once they are all out, the last piece of the slice
-        with the most left (a steal: the follower that finishes first keeps the seeder's
-        link busy, and the slices end together).  A follower that never takes (BitTorrent
-        only) hears of the steal through its part's version; a taker needs not.
+        The first piece nobody has yet of any follower that takes its pieces too: whoever
+        asks first gets it, so the pieces leave the seeder in file order and a follower
+        that fetches faster gets more of them (bench/, session 8, N=16: 8.94 s against
+        9.17 with each follower's own pieces first).  A follower that has not asked yet
+        keeps its slice (it may be on BitTorrent only).  When no such piece is near the
+        front, its own pieces, then the last piece of the slice with the most left (a
+        steal: the follower that finishes first keeps the seeder's link busy, and the
+        slices end together).  A follower that never takes hears of a steal through its
+        part's version; a taker needs not.
         """
         index = self.members.get(follower)
         if index is None or not self.pending:
             return None
         self.takers.add(index)
+        # Among any count pieces in a row one was this follower's, unless moved: a short look.
+        for p in self.pending[: 2 * self.count + 2]:
+            if self.owner[p] in self.takers:
+                self.owner[p] = index
+                self.sent(p)
+                return p
         queue = self.queues[index]
         while queue:
             p = queue.popleft()

@@ -22,7 +22,7 @@ from . import __version__
 from .lt import bdecode, bencode, create_torrent, info_hash_hex, set_piece_hashes, torrent_info
 
 FORMATS = ("v1", "hybrid", "v2")
-MIN_PIECE = 256 * 1024
+MIN_PIECE = 128 * 1024
 MAX_PIECE = 16 * 1024 * 1024
 TARGET_PIECES = 1500
 READ_CHUNK = 4 * 1024 * 1024
@@ -39,10 +39,13 @@ class FileChangedError(TorrentError):
 
 
 def choose_piece_size(total_size: int) -> int:
-    """A power of two giving about TARGET_PIECES pieces, within 256 KiB .. 16 MiB.
+    """A power of two giving about TARGET_PIECES pieces, within 128 KiB .. 16 MiB.
 
     Few big pieces cut per-piece overhead on a fast LAN; enough pieces keep every peer
-    busy trading with the others from the first seconds.
+    busy trading with the others from the first seconds.  Small deploys get 128 KiB: a
+    piece goes on to the other peers only once it is whole, so a swarm runs a few pieces
+    per peer behind its source (bench/, session 8: N=16, 64 MiB, 9.05 s against 9.35 with
+    256 KiB; N=2 within the noise).
     """
     size = MIN_PIECE
     while size < MAX_PIECE and total_size / size > TARGET_PIECES:

@@ -136,18 +136,29 @@ def test_dealer_leaves_slices_that_will_be_done_soon_alone_and_ends_when_all_is_
     assert dealer.done and dealer.left == 0
 
 
-def test_take_deals_the_own_pieces_in_order_then_the_back_of_the_biggest_slice():
+def test_take_deals_the_first_piece_nobody_has_to_whichever_taker_asks():
     dealer = _dealer(3, 12)  # slices: 0 3 6 9 | 1 4 7 10 | 2 5 8 11
-    assert [dealer.take("f0") for _ in range(4)] == [0, 3, 6, 9]
-    assert dealer.take("f1") == 1
-    # f0's own slice is all out: it takes from the back of the slice with most left (f2's,
-    # 4 left, against f1's 3), then of the first of the two with 3 left each.
-    assert [dealer.take("f0"), dealer.take("f0")] == [11, 10]
-    assert dealer.steals == 2 and dealer.owner[11] == dealer.owner[10] == 0
-    assert [dealer.take("f1"), dealer.take("f1")] == [4, 7]
-    assert [dealer.take("f2") for _ in range(3)] == [2, 5, 8]
+    assert dealer.take("f0") == 0 and dealer.take("f1") == 1
+    # 2 is f2's, which has not asked yet (it may be on BitTorrent only): it keeps it.
+    assert dealer.take("f0") == 3
+    assert dealer.take("f2") == 2
+    # Now every follower takes: the next piece goes to whoever asks, whoever's slice it was.
+    assert [dealer.take("f1") for _ in range(3)] == [4, 5, 6]
+    assert dealer.owner[5] == dealer.owner[6] == 1
+    assert dealer.steals == 0 and all(dealer.version(f) == 0 for f in ("f0", "f1", "f2"))
+    assert [dealer.take("f0") for _ in range(5)] == [7, 8, 9, 10, 11]
     assert dealer.done and dealer.left == 0
     assert dealer.take("f0") is None and dealer.take("f2") is None
+
+
+def test_take_steals_from_the_back_of_the_biggest_slice_of_a_follower_that_never_takes():
+    dealer = _dealer(3, 12)  # slices: 0 3 6 9 | 1 4 7 10 | 2 5 8 11
+    assert [dealer.take("f0") for _ in range(4)] == [0, 3, 6, 9]
+    # f1 and f2 never ask: f0's own are out, so it takes from the back of the slice with
+    # the most left (4 each: the first, f1's), then of f2's, which has the most now.
+    assert [dealer.take("f0"), dealer.take("f0")] == [10, 11]
+    assert dealer.steals == 2 and dealer.owner[11] == dealer.owner[10] == 0
+    assert dealer.version("f1") == dealer.version("f2") == 1
 
 
 def test_the_dealer_says_once_when_every_piece_is_out_whichever_way_they_went():
@@ -155,9 +166,9 @@ def test_the_dealer_says_once_when_every_piece_is_out_whichever_way_they_went():
     dealer = slices.Dealer({"f0": 0, "f1": 1}, 6, on_out=lambda: outs.append(dealer.left))
     _had(dealer, [0, 1])  # seen in a peer's bitfield
     dealer.sent(3)  # served by index
-    assert dealer.take("f0") == 2 and dealer.take("f1") == 5
+    assert dealer.take("f0") == 2 and dealer.take("f1") == 4
     assert outs == [] and not dealer.done
-    assert dealer.take("f0") == 4  # the last one: out, once
+    assert dealer.take("f0") == 5  # the last one: out, once
     assert outs == [0] and dealer.done
     dealer.sent(4)
     _had(dealer, range(6))
@@ -182,14 +193,14 @@ def test_a_steal_from_a_follower_that_does_not_take_bumps_its_version():
     that takes its pieces needs no news (the seeder hands it what it owns)."""
     dealer = _dealer(3, 9)  # 0 3 6 | 1 4 7 | 2 5 8
     assert [dealer.take("f0") for _ in range(3)] == [0, 3, 6]
-    dealer.take("f1")  # f1 takes; f2 never does
+    assert dealer.take("f1") == 1  # f1 takes; f2 never does
     before = [dealer.version(f) for f in ("f0", "f1", "f2")]
-    assert dealer.take("f0") == 8  # f2 has most left (3)
+    assert [dealer.take("f0"), dealer.take("f0")] == [4, 7]  # a taker's: no news
+    assert [dealer.version(f) for f in ("f0", "f1", "f2")] == before
+    assert dealer.take("f0") == 8  # only f2's are left: the back of its slice
     assert dealer.version("f2") == before[2] + 1
-    assert dealer.part("f2").dropped == (8,) and dealer.part("f0").added == (8,)
-    # Next, f1's slice and f2's have 2 left each: the first, f1's, a taker: no news.
-    assert dealer.take("f0") == 7
-    assert [dealer.version(f) for f in ("f0", "f1", "f2")] == [before[0], before[1], before[2] + 1]
+    assert dealer.part("f2").dropped == (8,) and dealer.part("f0").added == (4, 7, 8)
+    assert [dealer.version(f) for f in ("f0", "f1")] == before[:2]
 
 
 def test_take_gets_the_pieces_a_rebalance_moved_here():
