@@ -175,17 +175,17 @@ def lan_settings(
     if not seeder:
         # piece_finished_alert: a peer hashes each deploy as its pieces come (digest.py).
         settings["alert_mask"] |= _lt.alert.category_t.piece_progress_notification
-        # Other peers may queue at most 16 blocks (256 KiB) at this one (its "reqq").  With
-        # 2000, each asked for a second's worth of its rate: a piece that had just reached
-        # its owner waited behind 7 such queues (about 0.9 s at N=8) before it went on, and
-        # the deploy's tail was that long.  bench/ N=8, medians of 3, interleaved: 6.65,
-        # 6.61, 6.73, 6.82 s against 7.06, 6.92 s; 32: 7.01, 6.90; 8: 6.76, 6.72.  16
-        # blocks still cover 10 ms of round trip at 25 MB/s per connection.
-        # Session 8: 8 blocks, and no whole pieces from one peer (whole_pieces_threshold 0):
-        # a piece's blocks are then asked of every peer that has it, so the ones with idle
-        # uploads take over from a busy one, instead of the whole piece waiting in that
-        # busy peer's queue.  bench/ N=16, 128 KiB pieces, medians of 3: 9.05 s against
-        # 9.35 (16 blocks) and 9.12 (8, whole pieces); N=2 5.95 s against 6.19.
+        # Other peers may queue at most 8 blocks (128 KiB) at this one (its "reqq"), and a
+        # piece's blocks are asked of every peer that has it (whole_pieces_threshold 0).
+        # With 2000, each asked for a second's worth of its rate: a piece that had just
+        # reached its owner waited behind 7 such queues (about 0.9 s at N=8) before it went
+        # on, and the deploy's tail was that long.  bench/ N=8, medians of 3, interleaved:
+        # 16 blocks 6.65, 6.61, 6.73, 6.82 s against 7.06, 6.92 s.  Session 8: with whole
+        # pieces, every peer had asked a busy peer for the whole of a piece that peers with
+        # idle uploads had too, and it waited in that queue.  bench/ N=16, 128 KiB pieces,
+        # medians of 3: 9.05 s against 9.35 (16 blocks) and 9.12 (8, whole pieces); N=2
+        # 5.95 s against 6.19.  8 blocks cover 5 ms of round trip at 25 MB/s per
+        # connection; a peer's requests to the seeder are not capped (2000).
         settings["max_allowed_in_request_queue"] = 8
         settings["whole_pieces_threshold"] = 0
     if seeder:
