@@ -617,6 +617,8 @@ class SeederService(SwarmService):
         if deploy is None or deploy.info is None:
             raise web.HTTPNotFound(text="no such deploy\n")
         dealer = deploy.dealer
+        if raw == piecehttp.STREAM:
+            return await self._stream(request, deploy)
         if raw == piecehttp.NEXT:
             # The follower's next piece, dealt now (slices.Dealer.take); none left: 204.  No
             # slice for it (not following at publication, or dealt before a restart): 404,
@@ -646,6 +648,37 @@ class SeederService(SwarmService):
             content_type="application/octet-stream",
             headers={piecehttp.PIECE_HEADER: str(index)},
         )
+
+    async def _stream(self, request: web.Request, deploy) -> web.StreamResponse:
+        """A follower's pieces, one after the other in one answer, each dealt (Dealer.take)
+        as the one before has all but left: no gap of a request's round trip between two
+        pieces (piecehttp.py).  The answer ends after STREAM_PIECES, or with an END frame
+        when no piece is left to deal."""
+        dealer = deploy.dealer
+        follower = slices.follower_id(request.query.get("peer"))
+        if dealer is None or follower not in dealer.members:
+            raise web.HTTPNotFound(text="no slice dealt to this follower\n")
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        piecehttp.small_send_buffer(request.transport)
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        for _ in range(piecehttp.STREAM_PIECES):
+            index = dealer.take(follower)  # the last one dealt: _all_out()
+            if index is None:
+                await response.write(piecehttp.FRAME.pack(piecehttp.END, 0))
+                break
+            try:
+                data = await loop.run_in_executor(
+                    None, piecehttp.read_piece, deploy.info, str(self.drop_dir), index
+                )
+            except OSError as exc:
+                log.error("deploy %s: cannot read piece %d: %s", deploy.name, index, exc)
+                break  # the follower asks for its pieces one by one again
+            # Waits while the socket holds more than a little of the pieces before.
+            await response.write(piecehttp.frame(index, data))
+            self.pieces_served.inc(len(data))
+        await response.write_eof()
+        return response
 
 
 def main() -> None:

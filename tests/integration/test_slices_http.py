@@ -75,7 +75,8 @@ def test_peers_with_their_own_addresses_take_their_slices_over_http(fleet_factor
         assert f"deploy web-5.0.bin: {OVER_HTTP}{pieces_url} (its BitTorrent" in text, peer
         assert "shares this peer's address" not in text
         assert CANNOT not in text
-        assert "own pieces by index" not in text  # the seeder dealt every piece (GET next)
+        assert "own pieces by index" not in text  # the seeder dealt every piece
+        assert "one by one" not in text  # ...in streams (GET stream), none broken
         assert "files not checked" not in text  # fetched once libtorrent was ready for them
     served = seeder_metric(fleet, "murderd_seeder_piece_http_bytes_total")
     over_bt = seeder_metric(fleet, "murderd_seeder_uploaded_bytes_total")
@@ -222,6 +223,50 @@ def test_the_pieces_endpoint(fleet_factory, tmp_path, slices_http):
     assert " ERROR " not in text and "Traceback" not in text, text[-2000:]
 
 
+def test_the_stream_endpoint(fleet_factory, tmp_path):
+    """GET <pieces>/stream?peer=<id>: the pieces dealt to that follower, each after its
+    frame, at most STREAM_PIECES in one answer, then an END frame once none is left."""
+    fleet = fleet_factory(0, seeder={"slices_http": True})
+    size = 3 * MiB + 1234
+    data = publish_to_ghosts(fleet, tmp_path / "conf-2.bin", size)
+    parsed = torrent.parse(fleet.torrent_for("conf-2.bin").read_bytes())
+    base = f"{fleet.seeder_url}/pieces/{parsed.info_hash}/{piecehttp.STREAM}"
+    for nobody in ("?peer=nobody", "?peer=", ""):  # no slice: no stream
+        assert http_get(f"{base}{nobody}")[0] == 404
+    got: list[int] = []
+    ended = False
+    for _ in range(parsed.num_pieces + 1):  # each answer brings at least one frame
+        status, body = http_get(f"{base}?peer=ghost0")
+        assert status == 200
+        pieces_here, at = 0, 0
+        while at < len(body):
+            index, length = piecehttp.FRAME.unpack_from(body, at)
+            at += piecehttp.FRAME.size
+            if index == piecehttp.END:
+                assert length == 0 and at == len(body)
+                ended = True
+                break
+            start = index * parsed.piece_size
+            assert body[at : at + length] == data[start : start + parsed.piece_size], index
+            got.append(index)
+            pieces_here += 1
+            at += length
+        assert pieces_here <= piecehttp.STREAM_PIECES
+        if ended:
+            break
+    assert ended and sorted(got) == list(range(parsed.num_pieces)), got
+    # ghost1 never takes (BitTorrent only, as far as the seeder knows): ghost0 gets its own
+    # pieces in order, then ghost1's from the back of its slice.
+    index, count = fetch_index(fleet, "?peer=ghost0")["deploys"][0]["slice"]
+    own = [p for p in got if p % count == index]
+    theirs = [p for p in got if p % count != index]
+    assert got == own + theirs and own == sorted(own) and theirs == sorted(theirs, reverse=True)
+    assert seeder_metric(fleet, "murderd_seeder_piece_http_bytes_total") == size
+    text = fleet.seeder.log_text()
+    assert "every piece is out" in text
+    assert " ERROR " not in text and "Traceback" not in text, text[-2000:]
+
+
 def test_a_follower_hears_at_once_when_every_piece_is_out(fleet_factory, tmp_path):
     """The last piece served: each follower's long poll is answered with "out" (its slice
     otherwise unchanged), so the peers let the seeder back in for the tail at once."""
@@ -262,7 +307,9 @@ def test_the_pieces_endpoint_refuses_non_ascii_digits(fleet_factory, tmp_path):
 class SlowFront:
     """An HTTP front for the seeder (its public_url): every request is passed on to the
     seeder as it is, a piece only after PIECE_DELAY, so that a slice takes a while to come
-    over HTTP.  Remembers each piece answer: (peer id, status)."""
+    over HTTP.  Remembers each piece answer: (peer id, status).  It passes on no stream of
+    pieces (GET <pieces>/stream: 404, as from a seeder without them): the peers ask for their
+    pieces one by one through it."""
 
     PIECE_DELAY = 0.2
 
@@ -275,6 +322,9 @@ class SlowFront:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802  (http.server's name)
+                if urllib.parse.urlsplit(self.path).path.endswith("/" + piecehttp.STREAM):
+                    self.send_error(404, "no streams through this front")
+                    return
                 piece = self.path.startswith("/pieces/")
                 if piece:
                     with front.lock:

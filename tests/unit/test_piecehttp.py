@@ -312,6 +312,10 @@ class PieceServer:
         self.delay = delay
         self.mode = "ok"  # ok, 503, short, long, bad-index
         self.deal: list[int] | None = None  # what GET next deals, in order (None: 404)
+        self.stream: list[int] | None = None  # what GET stream sends, in order (None: 404)
+        self.stream_mode = "ok"  # ok, bad-frame (a length that is not the piece's), cut
+        self.stream_pieces = piecehttp.STREAM_PIECES  # pieces in one stream answer at most
+        self.streams = 0  # GET stream asked
         self.nexts = 0  # GET next asked
         self.requests: list[int] = []  # pieces asked for, in the order asked
         self.peers: set[str] = set()
@@ -320,8 +324,10 @@ class PieceServer:
         self.runner: web.AppRunner | None = None
         self.url = ""
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = request.match_info["index"]
+        if raw == piecehttp.STREAM:
+            return await self.handle_stream(request)
         if raw == piecehttp.NEXT:
             if self.deal is None:  # an older seeder: "next" is no piece
                 raise web.HTTPNotFound(text="no such piece\n")
@@ -350,6 +356,31 @@ class PieceServer:
             return web.Response(body=body, headers=headers)
         finally:
             self.in_flight -= 1
+
+    async def handle_stream(self, request: web.Request) -> web.StreamResponse:
+        if self.stream is None:  # an older seeder: "stream" is no piece
+            raise web.HTTPNotFound(text="no such piece\n")
+        self.peers.add(request.query.get("peer", ""))
+        self.streams += 1
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(self.stream_pieces):
+            if not self.stream:
+                await response.write(piecehttp.FRAME.pack(piecehttp.END, 0))
+                break
+            index = self.stream.pop(0)
+            self.requests.append(index)
+            await asyncio.sleep(self.delay)
+            body = self.data[index * self.piece : (index + 1) * self.piece]
+            if self.stream_mode == "cut":
+                await response.write(piecehttp.frame(index, body)[:-1])
+                return response  # the connection ends inside the piece
+            frame = piecehttp.frame(index, body)
+            if self.stream_mode == "bad-frame" and not self.stream:  # the last one
+                frame = piecehttp.FRAME.pack(index, len(body) + 1) + body
+            await response.write(frame)
+        await response.write_eof()
+        return response
 
     async def __aenter__(self) -> PieceServer:
         app = web.Application()
@@ -576,14 +607,22 @@ def test_fetch_with_nothing_to_fetch_does_not_fail():
     assert fetch.failed == "" and server.requests == [4]
 
 
-def test_fetch_takes_the_pieces_the_seeder_deals_until_none_is_left():
-    """A seeder that deals (GET next): each piece as it says (PIECE_HEADER), in its order,
-    own slice or not; 204 (none left) and the fetch waits, asking no more."""
+@pytest.mark.parametrize("how", ["next", "stream"])
+def test_fetch_takes_the_pieces_the_seeder_deals_until_none_is_left(how):
+    """A seeder that deals one piece per request (GET next: PIECE_HEADER says which, 204
+    when none is left; GET stream: 404) or streams them (GET stream: a frame before each,
+    END when none is left): each piece in its order, own slice or not; then the fetch
+    waits, asking no more."""
     data = os.urandom(SIZE)
 
     async def main():
         async with PieceServer(data, PIECE) as server:
-            server.deal = [3, 0, 9, 6]  # 9: another slice's piece, the short last one
+            if how == "stream":
+                server.stream = [3, 0, 9, 6]  # 9: another slice's piece, the short last one
+                server.stream_pieces = 3  # then the fetch asks again, and hears "none left"
+                server.deal = [1]  # never asked for: the stream dealt every piece
+            else:
+                server.deal = [3, 0, 9, 6]
             target = Libtorrent(PIECES, [0, 3, 6], PIECE, SIZE)
             fetch = _fetch(server, target)
             async with aiohttp.ClientSession() as client:
@@ -598,12 +637,46 @@ def test_fetch_takes_the_pieces_the_seeder_deals_until_none_is_left():
             return server, target, fetch
 
     server, target, fetch = asyncio.run(main())
-    assert server.requests == [3, 0, 9, 6] and server.nexts == 5
+    assert server.requests == [3, 0, 9, 6]
+    assert (server.nexts, server.streams) == ((0, 2) if how == "stream" else (5, 0))
     assert [p for p, _ in target.added] == [3, 0, 9, 6]
     for p, got in target.added:
         assert got == data[p * PIECE : (p + 1) * PIECE], f"piece {p}"
-    assert fetch.taking and fetch.failed == "" and fetch.pieces == 4
+    assert fetch.taking and fetch.failed == "" and fetch.pieces == 4 and not fetch.streaming
     assert server.peers == {"me-1"}
+
+
+@pytest.mark.parametrize("mode", ["bad-frame", "cut"])
+def test_a_broken_stream_leaves_the_pieces_to_be_dealt_one_by_one(mode):
+    """A frame that does not fit the torrent, or an answer that ends inside a piece: what
+    came whole is kept, and the fetch asks for the rest one by one (GET next)."""
+    data = os.urandom(SIZE)
+
+    async def main():
+        async with PieceServer(data, PIECE) as server:
+            server.stream = [4, 5]  # 5 comes broken
+            server.stream_mode = mode if mode == "bad-frame" else "ok"
+            server.deal = [5, 7]
+            target = Libtorrent(PIECES, [], PIECE, SIZE)
+            fetch = _fetch(server, target)
+            if mode == "cut":
+                server.stream = [5]
+                server.stream_mode = "cut"
+                server.deal = [4, 5, 7]
+            async with aiohttp.ClientSession() as client:
+                task = asyncio.ensure_future(fetch.run(client, "me-1", 10))
+                try:
+                    await wait_until(lambda: {4, 5, 7} <= target.had, 20, "pieces 4, 5, 7")
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            return target, fetch
+
+    target, fetch = asyncio.run(main())
+    for p, got in target.added:
+        assert got == data[p * PIECE : (p + 1) * PIECE], f"piece {p}"
+    assert sorted(p for p, _ in target.added) == [4, 5, 7]  # nothing broken was added
+    assert fetch.failed == "" and not fetch.streaming
 
 
 @pytest.mark.parametrize("mode", ["old", "no-index"])
