@@ -662,22 +662,29 @@ class SeederService(SwarmService):
         piecehttp.small_send_buffer(request.transport)
         await response.prepare(request)
         loop = asyncio.get_running_loop()
-        for _ in range(piecehttp.STREAM_PIECES):
-            index = dealer.take(follower)  # the last one dealt: _all_out()
-            if index is None:
-                await response.write(piecehttp.FRAME.pack(piecehttp.END, 0))
-                break
-            try:
-                data = await loop.run_in_executor(
-                    None, piecehttp.read_piece, deploy.info, str(self.drop_dir), index
-                )
-            except OSError as exc:
-                log.error("deploy %s: cannot read piece %d: %s", deploy.name, index, exc)
-                break  # the follower asks for its pieces one by one again
-            # Waits while the socket holds more than a little of the pieces before.
-            await response.write(piecehttp.frame(index, data))
-            self.pieces_served.inc(len(data))
-        await response.write_eof()
+        try:
+            for _ in range(piecehttp.STREAM_PIECES):
+                index = dealer.take(follower)  # the last one dealt: _all_out()
+                if index is None:
+                    await response.write(piecehttp.FRAME.pack(piecehttp.END, 0))
+                    break
+                try:
+                    data = await loop.run_in_executor(
+                        None, piecehttp.read_piece, deploy.info, str(self.drop_dir), index
+                    )
+                except OSError as exc:
+                    log.error("deploy %s: cannot read piece %d: %s", deploy.name, index, exc)
+                    break  # the follower asks for its pieces one by one again
+                # Waits while the socket holds more than a little of the pieces before.
+                await response.write(piecehttp.frame(index, data))
+                self.pieces_served.inc(len(data))
+            await response.write_eof()
+        except ConnectionResetError:
+            # The follower went away (restarted, gave up): what it was dealt and did not get
+            # goes out over BitTorrent after "out", from the seeder or from a peer.
+            log.info(
+                "deploy %s: follower %s left in the middle of its pieces", deploy.name, follower
+            )
         return response
 
 

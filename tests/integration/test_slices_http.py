@@ -11,6 +11,8 @@ import concurrent.futures
 import http.server
 import re
 import signal
+import socket
+import struct
 import threading
 import time
 import urllib.error
@@ -264,6 +266,30 @@ def test_the_stream_endpoint(fleet_factory, tmp_path):
     assert seeder_metric(fleet, "murderd_seeder_piece_http_bytes_total") == size
     text = fleet.seeder.log_text()
     assert "every piece is out" in text
+    assert " ERROR " not in text and "Traceback" not in text, text[-2000:]
+
+
+def test_a_follower_that_leaves_in_the_middle_of_a_stream(fleet_factory, tmp_path):
+    """The seeder notes it and goes on serving; what it was dealt is out (it goes over
+    BitTorrent after "out")."""
+    fleet = fleet_factory(0, seeder={"slices_http": True})
+    publish_to_ghosts(fleet, tmp_path / "conf-3.bin", 8 * MiB)
+    parsed = torrent.parse(fleet.torrent_for("conf-3.bin").read_bytes())
+    url = urllib.parse.urlsplit(f"{fleet.seeder_url}/pieces/{parsed.info_hash}/stream")
+    host, port = url.netloc.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as gone:
+        gone.sendall(f"GET {url.path}?peer=ghost1 HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode())
+        assert gone.recv(100).startswith(b"HTTP/1.1 200")
+        # Closed with data unread: a reset, as from a follower that died.
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_for(
+        lambda: "follower ghost1 left in the middle of its pieces" in fleet.seeder.log_text(),
+        10,
+        what="the seeder to see ghost1 gone",
+    )
+    status, body = http_get(f"{fleet.seeder_url}/pieces/{parsed.info_hash}/stream?peer=ghost0")
+    assert status == 200 and len(body) >= piecehttp.FRAME.size
+    text = fleet.seeder.log_text()
     assert " ERROR " not in text and "Traceback" not in text, text[-2000:]
 
 
