@@ -19,10 +19,15 @@ piece out once it is served.
 Which piece comes next the seeder says (GET <pieces>/next?peer=<id>, the index in the
 answer's PIECE_HEADER; slices.Dealer.take): the first piece nobody has yet (in file order,
 whoever asks first), or once a follower's own pieces are all out, the last piece of the
-slice with the most left.  Asked by index, the
-slices ended unevenly: the last 0.5 s before "out" the seeder sent the last pieces of one
-or two slices, each at its owner's share of its download link (1/8 at N=8), and its link
-was mostly idle (bench/, --timeline).
+slice with the most left.  A follower takes them in streams (GET <pieces>/stream?peer=<id>,
+Fetch._stream): the seeder deals each piece as the one before has all but left its socket
+and sends it after a FRAME, so no request's round trip stands between two pieces; an
+answer ends after STREAM_PIECES pieces (the follower asks again) or with an END frame (none
+left).  Should a stream fail, the follower asks for one piece at a time (GET next).
+
+Asked by index, the slices ended unevenly: the last 0.5 s before "out" the seeder sent the
+last pieces of one or two slices, each at its owner's share of its download link (1/8 at
+N=8), and its link was mostly idle (bench/, --timeline).
 
 Once every piece has left the seeder (the Dealer's "out", heard through the index.json long
 poll) its link is free while the peers still pass the last pieces round: each follower
