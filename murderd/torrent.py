@@ -44,8 +44,9 @@ def choose_piece_size(total_size: int) -> int:
     Few big pieces cut per-piece overhead on a fast LAN; enough pieces keep every peer
     busy trading with the others from the first seconds.  Small deploys get 128 KiB: a
     piece goes on to the other peers only once it is whole, so a swarm runs a few pieces
-    per peer behind its source (bench/, session 8: N=16, 64 MiB, 9.05 s against 9.35 with
-    256 KiB; N=2 within the noise).
+    per peer behind its source (bench/, session 8, with lt.py's request queues: N=16, 64
+    MiB, 9.31 s against 9.46 with 256 KiB, medians of 3 in two sittings; session 6, with
+    whole pieces from one peer, had measured 128 KiB worse at N=16).
     """
     size = MIN_PIECE
     while size < MAX_PIECE and total_size / size > TARGET_PIECES:
