@@ -620,26 +620,17 @@ class SeederService(SwarmService):
         if raw == piecehttp.STREAM:
             return await self._stream(request, deploy)
         if raw == piecehttp.NEXT:
-            # The follower's next piece, dealt now (slices.Dealer.take); none left: 204.  No
-            # slice for it (not following at publication, or dealt before a restart): 404,
-            # and it asks for its own pieces by index.
-            follower = slices.follower_id(request.query.get("peer"))
-            if dealer is None or follower not in dealer.members:
-                raise web.HTTPNotFound(text="no slice dealt to this follower\n")
-            index = dealer.take(follower)  # the last one dealt: _all_out()
+            # The follower's next piece, dealt now (slices.Dealer.take); none left: 204.
+            index = dealer.take(self._follower(request, dealer))  # the last: _all_out()
             if index is None:
                 return web.Response(status=204)
         elif not (raw.isascii() and raw.isdigit()) or int(raw) >= deploy.info.num_pieces():
             raise web.HTTPNotFound(text="no such piece\n")
         else:
             index = int(raw)
-        try:
-            data = await asyncio.get_running_loop().run_in_executor(
-                None, piecehttp.read_piece, deploy.info, str(self.drop_dir), index
-            )
-        except OSError as exc:
-            log.error("deploy %s: cannot read piece %d: %s", deploy.name, index, exc)
-            raise web.HTTPServiceUnavailable(text="cannot read the piece\n") from None
+        data = await self._read_piece(deploy, index)
+        if data is None:
+            raise web.HTTPServiceUnavailable(text="cannot read the piece\n")
         if dealer is not None and raw != piecehttp.NEXT:  # take() counted a dealt one out
             dealer.sent(index)  # asked for by index: out now (the last one: _all_out())
         self.pieces_served.inc(len(data))
@@ -649,32 +640,46 @@ class SeederService(SwarmService):
             headers={piecehttp.PIECE_HEADER: str(index)},
         )
 
-    async def _stream(self, request: web.Request, deploy) -> web.StreamResponse:
+    @staticmethod
+    def _follower(request: web.Request, dealer) -> str:
+        """The ?peer= of a request for dealt pieces.  No slice for it (not following at
+        publication, or dealt before a restart): 404, and it asks for its own pieces by
+        index."""
+        follower = slices.follower_id(request.query.get("peer"))
+        if dealer is None or follower not in dealer.members:
+            raise web.HTTPNotFound(text="no slice dealt to this follower\n")
+        return follower
+
+    async def _read_piece(self, deploy: Deploy, index: int) -> bytes | None:
+        """Piece index of deploy from the drop dir (in a worker thread); None, logged, when
+        it cannot be read."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, piecehttp.read_piece, deploy.info, str(self.drop_dir), index
+            )
+        except OSError as exc:
+            log.error("deploy %s: cannot read piece %d: %s", deploy.name, index, exc)
+            return None
+
+    async def _stream(self, request: web.Request, deploy: Deploy) -> web.StreamResponse:
         """A follower's pieces, one after the other in one answer, each dealt (Dealer.take)
         as the one before has all but left: no gap of a request's round trip between two
         pieces (piecehttp.py).  The answer ends after STREAM_PIECES, or with an END frame
         when no piece is left to deal."""
         dealer = deploy.dealer
-        follower = slices.follower_id(request.query.get("peer"))
-        if dealer is None or follower not in dealer.members:
-            raise web.HTTPNotFound(text="no slice dealt to this follower\n")
+        follower = self._follower(request, dealer)
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         piecehttp.small_send_buffer(request.transport)
         await response.prepare(request)
-        loop = asyncio.get_running_loop()
         try:
             for _ in range(piecehttp.STREAM_PIECES):
                 index = dealer.take(follower)  # the last one dealt: _all_out()
                 if index is None:
                     await response.write(piecehttp.FRAME.pack(piecehttp.END, 0))
                     break
-                try:
-                    data = await loop.run_in_executor(
-                        None, piecehttp.read_piece, deploy.info, str(self.drop_dir), index
-                    )
-                except OSError as exc:
-                    log.error("deploy %s: cannot read piece %d: %s", deploy.name, index, exc)
-                    break  # the follower asks for its pieces one by one again
+                data = await self._read_piece(deploy, index)
+                if data is None:
+                    break  # ends the answer early: the follower asks for a new one
                 # Waits while the socket holds more than a little of the pieces before.
                 await response.write(piecehttp.frame(index, data))
                 self.pieces_served.inc(len(data))

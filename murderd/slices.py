@@ -45,6 +45,7 @@ seeder is not a murder-seeder, or a restart lost the assignment) never gates.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import re
 from collections import deque
@@ -258,7 +259,7 @@ class Dealer:
             return None
         self.takers.add(index)
         # Among any count pieces in a row one was this follower's, unless moved: a short look.
-        for p in self.pending[: 2 * self.count + 2]:
+        for p in itertools.islice(self.pending, 2 * self.count + 2):
             if self.owner[p] in self.takers:
                 self.owner[p] = index
                 self.sent(p)
