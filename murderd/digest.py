@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import os
 from concurrent.futures import Executor
+from typing import Callable
 
 READ_AHEAD_BYTES = 2 << 20  # read back ahead of the hashing (at least one piece): memory
 
@@ -31,11 +32,14 @@ class Digest:
 
     pump() asks libtorrent for the next pieces it has (on each piece_finished_alert, and
     after each feed); read(piece, data, error) takes each read_piece_alert; the hashing runs
-    in pool, one piece after the other.
+    in pool, one piece after the other.  have(piece) says whether libtorrent has a piece:
+    the peer keeps that from its alerts (PeerDeploy.had), as asking the handle
+    (have_piece) waits on libtorrent's network thread, 7-40 ms each on a busy host.
     """
 
-    def __init__(self, handle, info, paths: list[str], pool: Executor):
+    def __init__(self, handle, info, paths: list[str], pool: Executor, have: Callable[[int], bool]):
         self.handle = handle  # libtorrent torrent_handle
+        self.have = have
         self.info = info  # its torrent_info
         self.files = info.files()
         self.total = info.num_pieces()
@@ -54,8 +58,7 @@ class Digest:
         """Ask libtorrent for the pieces it has from the next one to feed on (a few).
 
         finished: the piece that just came in (a piece_finished_alert); one past the few
-        to read next changes nothing, and asking libtorrent which pieces it has waits on its
-        network thread: most pieces come out of order.
+        to read next changes nothing: most pieces come out of order.
         """
         handle = self.handle
         if finished is not None and not self.next <= finished < self.next + self.ahead:
@@ -65,7 +68,7 @@ class Digest:
         for piece in range(self.next, min(self.total, self.next + self.ahead)):
             if piece in self.asked or piece in self.got:
                 continue
-            if not handle.have_piece(piece):
+            if not self.have(piece):
                 return
             handle.read_piece(piece)
             self.asked.add(piece)

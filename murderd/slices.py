@@ -394,16 +394,18 @@ class Gate:
         """Not downloading now (stalled, checking): the stall clock starts over later."""
         self.progress_at = now
 
-    def update(self, handle, payload: int, now: float, pieces=None) -> bool:
+    def update(self, handle, payload: int, now: float, pieces=None, availability=None) -> bool:
         """Set the priorities; False when the gate is off (self.ended says why).
 
-        pieces: which pieces the peer has (libtorrent's status().pieces), when the caller
-        has them: one call into libtorrent's thread instead of one per missing own piece.
+        pieces: which pieces the peer has (a sequence of truth values, PeerDeploy.had), and
+        availability: libtorrent's piece_availability(), when the caller has them; asked
+        of the handle otherwise (each call waits on libtorrent's network thread).
         """
         if payload != self.payload:
             self.payload = payload
             self.progress_at = now
-        availability = handle.piece_availability()
+        if availability is None:
+            availability = handle.piece_availability()
         if not availability:  # not ready yet (checking its files)
             return True
         if self.own is None:

@@ -43,10 +43,14 @@ class Swarm:
         self.reads: dict[int, int] = {}  # piece -> read_piece answers seen
         self.staging = tmp_path / "staging"
         self.flushed = 0  # cache_flushed alerts seen
+        # What libtorrent has, from its piece_finished alerts (as the peer keeps it).
+        self.had = bytearray(self.parsed.info.num_pieces())
 
     def start(self) -> digest.Digest:
         paths = [f.path for f in self.parsed.files]
-        self.digest = digest.Digest(self.handle, self.parsed.info, paths, self.pool)
+        self.digest = digest.Digest(
+            self.handle, self.parsed.info, paths, self.pool, lambda p: self.had[p] == 1
+        )
         return self.digest
 
     def piece(self, index: int) -> bytes:
@@ -57,7 +61,8 @@ class Swarm:
     def dispatch(self) -> None:
         for alert in self.session.pop_alerts():
             if isinstance(alert, lt.piece_finished_alert):
-                self.digest.pump()
+                self.had[alert.piece_index] = 1
+                self.digest.pump(alert.piece_index)
             elif isinstance(alert, lt.cache_flushed_alert):
                 self.flushed += 1
             elif isinstance(alert, lt.read_piece_alert):
