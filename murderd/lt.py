@@ -188,6 +188,13 @@ def lan_settings(
         # connection; a peer's requests to the seeder are not capped (2000).
         settings["max_allowed_in_request_queue"] = 8
         settings["whole_pieces_threshold"] = 0
+        # Tell the other peers of a piece 300 ms before it is expected in (and hashed):
+        # their requests for it wait here instead of a round trip after the HAVE, and
+        # libtorrent rejects them (and says "don't have") if the piece then fails its hash.
+        # bench/ N=16, medians of 3 interleaved with 0 (session 10): 9.12 / 9.09 / 9.22 /
+        # 9.22 / 9.18 / 8.97 s against 9.47 / 9.19 / 9.23 / 9.47 / 9.12 / 9.06; 100 ms and
+        # 1000 ms no better than 0; N=2 and N=8 unchanged.
+        settings["predictive_piece_announce"] = 300
     if seeder:
         settings.update(
             {
