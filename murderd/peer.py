@@ -561,8 +561,9 @@ class PeerService(SwarmService):
             gate.pause(now)
             return
         had = deploy.had
-        payload = deploy.lt_payload + deploy.http_bytes + (had.count(1) if had else 0)
-        if had and had.count(0) == 0:
+        pieces = had.count(1) if had else 0
+        payload = deploy.lt_payload + deploy.http_bytes + pieces
+        if had and pieces == len(had):
             self._ungate(deploy)
         elif not gate.update(handle, payload, now, had, availability):
             self._ungate(deploy)
@@ -726,13 +727,14 @@ class PeerService(SwarmService):
         elif isinstance(alert, (lt.torrent_finished_alert, lt.torrent_checked_alert)):
             if deploy is not None and deploy.checked is not None:
                 deploy.checked.set()
+            status = handle.status(lt.torrent_handle.query_pieces) if deploy else None
             if deploy is not None and deploy.handle == handle:
                 # What it has from its files (resume data, a restart): once, then alerts.
-                deploy.had = bytearray(handle.status(lt.torrent_handle.query_pieces).pieces)
+                deploy.had = bytearray(status.pieces)
                 if deploy.digest is not None:
                     deploy.digest.pump()
             finishing = deploy and deploy.state in ("downloading", "stalled")
-            if finishing and not deploy.stall_placing and handle.status().is_seeding:
+            if finishing and not deploy.stall_placing and status.is_seeding:
                 self._start_complete(deploy)
         elif isinstance(alert, lt.hash_failed_alert):
             self.hash_failures_total += 1
