@@ -44,11 +44,15 @@ def table(results: dict) -> str:
     sweep = results.get("sweep") or []
     if sweep:
         lines.append("\nsweep (murderd):")
-        lines.append(f"  {'N':>3} {'B (Mbit/s)':>10} {'T (s)':>8} {'T_limit':>8} {'T/T_limit':>10}")
+        lines.append(
+            f"  {'N':>3} {'B (Mbit/s)':>10} {'T (s)':>8} {'T_limit':>8} {'T/T_limit':>10} "
+            f"{'cores busy':>10}"
+        )
         for run in sweep:
+            busy = run.get("detail", {}).get("cores_busy")
             lines.append(
                 f"  {run['peers']:3d} {run['rate_bit'] / 1e6:10g} {_fmt(run['seconds']):>8} "
-                f"{run['limit']:8.2f} {_fmt(run['ratio']):>10}"
+                f"{run['limit']:8.2f} {_fmt(run['ratio']):>10} {_fmt(busy, '.0%'):>10}"
                 + ("" if run["ok"] else f"  FAILED: {run['error']}")
             )
         growth = sweep_growth(sweep)
@@ -154,7 +158,13 @@ def plot(results: dict, path: Path) -> None:
                 textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7,
             )  # fmt: skip
         right.axhline(1.0, color="black", linestyle="--", label="limit")
-        right.axhline(1.15, color="gray", linestyle=":", label="target 1.15")
+        right.axhline(1.15, color="gray", linestyle=":", label="target at N=8: 1.15")
+        if len(sweep) > 1:
+            # The growth target: the largest N within 1.15 x the smallest N's ratio.
+            right.axhline(
+                1.15 * sweep[0]["ratio"], color="tab:green", linestyle=":",
+                label=f"target at N={ns[-1]}: 1.15 x (N={ns[0]})",
+            )  # fmt: skip
         right.set_xscale("log", base=2)
         right.set_xticks(ns)
         right.set_xticklabels([str(n) for n in ns])

@@ -163,8 +163,9 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--rate", type=parse_rate, default=parse_rate("100mbit"), help="B")
     parser.add_argument("--sweep", default="2,4,8,16", help="peer counts of the sweep")
     parser.add_argument(
-        "--budget", type=parse_rate, default=parse_rate("1.2gbit"),
-        help="most N x B in any run (2 cores: more saturates the CPU, not the links)",
+        "--budget", type=parse_rate, default=None,
+        help="most N x B in any sweep run (default: --peers x --rate, what the main comparison "
+        "moves; on one machine more hosts x B saturate its cores and memory, not the links)",
     )  # fmt: skip
     parser.add_argument("--only", action="append", choices=PARTS, help="run only these parts")
     parser.add_argument("--skip", action="append", choices=PARTS, default=[], help="skip parts")
@@ -193,6 +194,8 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     parser.add_argument("--label", default="", help="a note stored with the results")
     args = parser.parse_args(argv)
+    if args.budget is None:
+        args.budget = args.peers * args.rate
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     parts = [p for p in (args.only or PARTS) if p not in args.skip]
     if os.geteuid() != 0:

@@ -243,6 +243,7 @@ def run_murderd(
         _wait_all(placed, check, deadline)
         after = _counters(bed, peers)
         cpu = [proc_cpu_seconds(d.proc.pid) - b for d, b in zip(daemons, cpu_before)]
+        window = time.time() - started
         states = [_peer_state(base, name) for base in peer_dirs]
         result.per_host = []
         accepted = []
@@ -264,6 +265,9 @@ def run_murderd(
             "seeder": round(cpu[1], 2),
             "peers": round(sum(cpu[2:]), 2),
         }
+        # The share of the machine the daemons used while the file went round: near 1, the
+        # hosts (all on this machine) wait for CPU and T measures the machine, not the swarm.
+        result.detail["cores_busy"] = round(sum(cpu) / (window * (os.cpu_count() or 1)), 3)
         result.detail["seeder_log"] = _grep(daemons[1].log_text(), ("hashed", "published"))
         missing = [i + 1 for i, t in enumerate(result.per_host) if t is None]
         if missing:
